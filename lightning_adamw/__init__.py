@@ -1,0 +1,38 @@
+"""lightning_adamw: Adam with decoupled weight decay and the 1cycle policy for PyTorch Lightning.
+
+The plugin: an optimizer registry with weight decay as L2 or decoupled, the ``OneCycleWD`` callback (1cycle lr and
+momentum plus decoupled weight decay for any optimizer), ``FreezeUnfreeze`` fine-tuning, and the ``LightningCLI``
+entry point ``python -m lightning_adamw``.
+"""
+
+from lightning_adamw.finetuning import FreezeUnfreeze
+from lightning_adamw.onecycle import OneCycleWD
+from lightning_adamw.registry import (
+    OptimizerConfig,
+    OptimizerEntry,
+    available_optimizers,
+    build_optimizer,
+    get_optimizer_entry,
+    param_groups,
+    register_optimizer,
+)
+from lightning_adamw.schedules import Constant, OneCycle, OneCycle2018, OneCycleLM, Phase, Schedule
+
+__all__ = [
+    "Constant",
+    "FreezeUnfreeze",
+    "OneCycle",
+    "OneCycle2018",
+    "OneCycleLM",
+    "OneCycleWD",
+    "OptimizerConfig",
+    "OptimizerEntry",
+    "Phase",
+    "Schedule",
+    "available_optimizers",
+    "build_optimizer",
+    "get_optimizer_entry",
+    "param_groups",
+    "register_optimizer",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,125 @@
+"""``FreezeUnfreeze``: train the head with the body frozen, then unfreeze with discriminative lrs and a fresh cycle."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import BaseFinetuning
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.optim import Optimizer
+
+from lightning_adamw.onecycle import OneCycleWD, _unwrap
+
+
+class FreezeUnfreeze(BaseFinetuning):
+    """Fine-tuning in two cycles, as the 2018 study's Stanford Cars recipe.
+
+    The LightningModule exposes its layer groups, body first and head last, through a method ``layer_groups()``
+    returning a list of modules, and builds its optimizer over all of them (frozen parameters get no gradient, so the
+    optimizer and the decay skip them). For ``unfreeze_at_epoch`` epochs every group but the head is frozen, with its
+    BatchNorm layers in eval mode (running statistics used, not updated); at that epoch the body is unfrozen and,
+    when a :class:`~lightning_adamw.OneCycleWD` callback is present, a fresh cycle starts with ``lrs`` as its peaks
+    (OneCycleWD stays the one owner of the lrs). Without OneCycleWD the groups' lrs are set to ``lrs``.
+
+    Args:
+        unfreeze_at_epoch: the epoch at which the body is unfrozen (Cars recipe: 20).
+        lrs: the peak lr of each layer group after unfreezing, body first (Cars recipe ``[3e-3/9, 3e-3/3, 3e-3]``);
+            one value applies to all groups; ``None`` keeps the first cycle's peaks.
+        train_bn: keep training the frozen groups' BatchNorm layers (fastai's ``train_bn``); default eval mode.
+
+    Example::
+
+        trainer = Trainer(max_epochs=60, callbacks=[OneCycleWD(OneCycle2018(pct=0.1)),
+                                                    FreezeUnfreeze(unfreeze_at_epoch=20, lrs=[3e-3 / 9, 3e-3 / 3, 3e-3])])
+    """
+
+    def __init__(self, unfreeze_at_epoch: int, lrs: float | list[float] | None = None, train_bn: bool = False) -> None:
+        super().__init__()
+        if unfreeze_at_epoch < 0:
+            raise ValueError(f"unfreeze_at_epoch must be >= 0, got {unfreeze_at_epoch}.")
+        lr_list = [lrs] if isinstance(lrs, (int, float)) else lrs
+        if lr_list is not None and (not lr_list or any(x <= 0 for x in lr_list)):
+            raise ValueError(f"lrs must be positive, got {lrs}.")
+        self.unfreeze_at_epoch = unfreeze_at_epoch
+        self.lrs = lr_list
+        self.train_bn = train_bn
+        self._cycle_started = False
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "cycle_started": self._cycle_started}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._cycle_started = bool(state_dict.get("cycle_started", False))
+
+    @staticmethod
+    def layer_groups(pl_module: pl.LightningModule) -> list[nn.Module]:
+        """The module's layer groups (body first, head last)."""
+        getter = getattr(pl_module, "layer_groups", None)
+        if not callable(getter):
+            raise MisconfigurationException(
+                f"FreezeUnfreeze needs {type(pl_module).__name__}.layer_groups() returning a list of modules, body "
+                "first and head last (e.g. [model.layer1, model.layer3, model.head])."
+            )
+        groups = list(getter())
+        if len(groups) < 2 or not all(isinstance(g, nn.Module) for g in groups):
+            raise MisconfigurationException(
+                f"{type(pl_module).__name__}.layer_groups() must return at least two modules (body groups, then head)."
+            )
+        return groups
+
+    def _onecycle(self, trainer: pl.Trainer) -> OneCycleWD | None:
+        return next((cb for cb in trainer.callbacks if isinstance(cb, OneCycleWD)), None)
+
+    def _steps_per_epoch(self, trainer: pl.Trainer) -> int:
+        return -(-int(trainer.num_training_batches) // trainer.accumulate_grad_batches)
+
+    def freeze_before_training(self, pl_module: pl.LightningModule) -> None:
+        self.freeze(self.layer_groups(pl_module)[:-1], train_bn=self.train_bn)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        in_optimizer = {id(p) for opt in trainer.optimizers for g in _unwrap(opt).param_groups for p in g["params"]}
+        missing = [n for n, p in pl_module.named_parameters() if id(p) not in in_optimizer
+                   and any(p is q for grp in self.layer_groups(pl_module) for q in grp.parameters())]
+        if missing:
+            raise MisconfigurationException(
+                f"FreezeUnfreeze expects every layer group's parameters in the optimizer (frozen ones get no gradient "
+                f"and are skipped), but {len(missing)} are not, e.g. {missing[:3]}. Build the optimizer from "
+                "pl_module.layer_groups() without filtering on requires_grad."
+            )
+        onecycle = self._onecycle(trainer)
+        if onecycle is not None and self.unfreeze_at_epoch > 0:
+            onecycle.plan_cycle_boundaries([self.unfreeze_at_epoch * self._steps_per_epoch(trainer)])
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_epoch_start(trainer, pl_module)
+        if trainer.current_epoch < self.unfreeze_at_epoch and not self.train_bn:
+            for group in self.layer_groups(pl_module)[:-1]:
+                for module in group.modules():
+                    if isinstance(module, _BatchNorm):
+                        module.eval()
+
+    def finetune_function(self, pl_module: pl.LightningModule, epoch: int, optimizer: Optimizer) -> None:
+        if epoch < self.unfreeze_at_epoch:
+            return
+        body = self.layer_groups(pl_module)[:-1]
+        if all(p.requires_grad for g in body for p in g.parameters()):
+            return  # unfrozen earlier (or resumed after the unfreeze)
+        self.make_trainable(body)
+        for group in body:
+            group.train()
+        trainer = pl_module.trainer
+        onecycle = self._onecycle(trainer)
+        optimizer = _unwrap(optimizer)
+        idx = next(i for i, o in enumerate(trainer.optimizers) if _unwrap(o) is optimizer)
+        if self._cycle_started:
+            return  # a resumed run: the fresh cycle is already in OneCycleWD's restored state
+        self._cycle_started = True
+        if onecycle is not None:
+            onecycle.start_cycle(trainer, self.lrs, optimizer_idx=idx)
+        elif self.lrs is not None:
+            for group, lr in zip(optimizer.param_groups, OneCycleWD._per_group(optimizer, list(self.lrs), "lrs")):
+                group["lr"] = lr

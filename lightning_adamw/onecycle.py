@@ -1,0 +1,317 @@
+"""``OneCycleWD``: the 1cycle lr + momentum schedule and decoupled weight decay, for any torch optimizer."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch.optim import Optimizer
+
+from lightning_adamw.registry import DECAY_OWNER_ATTR, DECOUPLED_WD_KEY, LAYER_GROUP_KEY
+from lightning_adamw.schedules import OneCycle, Schedule
+
+
+def _unwrap(optimizer: Any) -> Optimizer:
+    # LightningOptimizer wraps the torch optimizer
+    return getattr(optimizer, "_optimizer", optimizer)
+
+
+def amp_will_skip_step(trainer: pl.Trainer, optimizer: Optimizer) -> bool:
+    """Whether fp16 mixed precision's GradScaler is about to skip this optimizer's step (inf/nan gradients).
+
+    Only meaningful after the gradients were unscaled, which Lightning does before ``on_before_optimizer_step``.
+    """
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    if scaler is None or not scaler.is_enabled():
+        return False
+    # GradScaler keeps no public accessor for this; unscale_ records it per optimizer
+    state = scaler._per_optimizer_states.get(id(optimizer), {})
+    found = state.get("found_inf_per_device", {})
+    return bool(found) and sum(v.item() for v in found.values()) > 0
+
+
+class OneCycleWD(Callback):
+    r"""1cycle learning rate and momentum schedule with decoupled weight decay, per optimizer step.
+
+    At every optimizer step (after backward and gradient clipping, before ``optimizer.step``) the callback
+
+    1. sets each parameter group's lr to ``max_lr_g * schedule(step)`` and the momentum (SGD ``momentum`` or Adam
+       ``betas[0]``) to the schedule's value,
+    2. applies decoupled weight decay ``w <- w - lr_t * wd * w`` to the group's parameters that have a gradient
+       (the convention of ``torch.optim.AdamW`` and fastai), or ``w <- w - eta_t * wd * w`` with ``eta_t`` the
+       schedule multiplier (``wd_convention="schedule"``, as written in the AdamW paper), with ``torch._foreach_*``
+       ops; nothing is decayed on a step that fp16 mixed precision skips,
+    3. logs ``lr``, ``momentum`` and ``wd`` (the decay factor actually applied) to every logger; with several
+       parameter groups the names are ``lr/pg0``, ``lr/pg1``, ...
+
+    The step count is ``trainer.global_step`` (optimizer steps), so gradient accumulation, several devices and
+    resuming all follow the same curve. The total is ``trainer.estimated_stepping_batches`` unless given.
+
+    Args:
+        schedule: the shape (:mod:`lightning_adamw.schedules`); default PyTorch's ``OneCycleLR`` shape.
+        max_lr: the peak lr, one value or one per parameter group; ``None`` takes each group's lr from the optimizer
+            (so discriminative lrs scale together).
+        total_steps: optimizer steps in the run; ``None`` asks the trainer.
+        weight_decay: decoupled decay for groups that do not say their own; ``None`` applies only what groups carry
+            in ``decoupled_weight_decay`` (set by :func:`~lightning_adamw.build_optimizer` in decoupled mode).
+        wd_convention: ``"lr"``: decay ``lr_t * wd``; ``"schedule"``: decay ``eta_t * wd`` (paper).
+        normalized: treat the weight decay as the AdamW paper's normalised ``lambda_norm`` and use
+            ``lambda_norm * sqrt(b / (B * T))``; ``B * T / b`` is the number of optimizer steps of the run.
+        log_values: log lr, momentum and weight decay.
+
+    A module attribute ``lr_scale`` (float), when present, multiplies the lr of the current step (AWD-LSTM scales the
+    lr by ``seq_len / bptt``); the decay in the ``"lr"`` convention uses the scaled lr.
+
+    Example::
+
+        from lightning_adamw import OneCycleWD, OneCycle2018
+        trainer = Trainer(max_epochs=30, callbacks=[OneCycleWD(OneCycle2018(div_factor=10, pct=0.075),
+                                                               weight_decay=0.1)])
+        # configure_optimizers: torch.optim.Adam(self.parameters(), lr=3e-3, betas=(0.95, 0.99))
+    """
+
+    def __init__(
+        self,
+        schedule: Schedule | None = None,
+        max_lr: float | list[float] | None = None,
+        total_steps: int | None = None,
+        weight_decay: float | None = None,
+        wd_convention: Literal["lr", "schedule"] = "lr",
+        normalized: bool = False,
+        log_values: bool = True,
+    ) -> None:
+        super().__init__()
+        if schedule is not None and not isinstance(schedule, Schedule):
+            raise TypeError(f"schedule must be a lightning_adamw.Schedule (e.g. OneCycle()), got {schedule!r}.")
+        max_lrs = [max_lr] if isinstance(max_lr, (int, float)) else list(max_lr or [])
+        if any(x <= 0 for x in max_lrs):
+            raise ValueError(f"max_lr must be positive, got {max_lr}.")
+        if total_steps is not None and total_steps < 1:
+            raise ValueError(f"total_steps must be a positive number of optimizer steps, got {total_steps}.")
+        if weight_decay is not None and weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}.")
+        if wd_convention not in ("lr", "schedule"):
+            raise ValueError(f"wd_convention must be 'lr' (lr_t * wd) or 'schedule' (eta_t * wd), got {wd_convention!r}.")
+        self.schedule = schedule if schedule is not None else OneCycle()
+        self.max_lr = max_lr
+        self.total_steps = total_steps
+        self.weight_decay = weight_decay
+        self.wd_convention = wd_convention
+        self.normalized = normalized
+        self.log_values = log_values
+        self._total: int | None = None
+        # per optimizer: list of cycles {"start": step, "max_lrs": [...]} and per-group base decay
+        self._cycles: dict[int, list[dict[str, Any]]] = {}
+        self._wds: dict[int, list[float]] = {}
+        self._boundaries: list[int] = []
+        self._restored_total: int | None = None
+        self._warned: set[str] = set()
+
+    # ---------------------------------------------------------------- public helpers for other callbacks
+    def plan_cycle_boundaries(self, steps: Sequence[int]) -> None:
+        """Declare the steps at which new cycles will start (fine-tuning's unfreeze), so earlier cycles end there."""
+        self._boundaries = sorted({int(s) for s in steps if s > 0})
+
+    def start_cycle(self, trainer: pl.Trainer, max_lr: Sequence[float] | None = None, optimizer_idx: int = 0) -> None:
+        """Start a fresh cycle now (``trainer.global_step``), with new peak lrs.
+
+        Args:
+            max_lr: one lr per layer group (matched through the groups' ``layer_group`` key) or per parameter group;
+                ``None`` keeps the previous cycle's peaks.
+        """
+        step = trainer.global_step
+        cycles = self._cycles.setdefault(optimizer_idx, [])
+        if any(c["start"] == step for c in cycles):
+            return  # already started (a resumed run re-enters the same epoch)
+        optimizer = _unwrap(trainer.optimizers[optimizer_idx])
+        if max_lr is None:
+            if not cycles:
+                raise RuntimeError("start_cycle(max_lr=None) needs an earlier cycle to take its peak lrs from.")
+            lrs = list(cycles[-1]["max_lrs"])
+            lrs += [g["lr"] for g in optimizer.param_groups[len(lrs):]]
+        else:
+            lrs = self._per_group(optimizer, list(max_lr), what="max_lr")
+        cycles.append({"start": step, "max_lrs": lrs})
+        self._boundaries = sorted(set(self._boundaries) | {step}) if step > 0 else self._boundaries
+
+    # ---------------------------------------------------------------- setup
+    @staticmethod
+    def _per_group(optimizer: Optimizer, values: list[float], what: str) -> list[float]:
+        groups = optimizer.param_groups
+        if len(values) == 1:
+            return values * len(groups)
+        if len(values) == len(groups):
+            return values
+        layer_ids = [g.get(LAYER_GROUP_KEY) for g in groups]
+        if None not in layer_ids and max(layer_ids) + 1 == len(values):
+            return [values[i] for i in layer_ids]
+        raise ValueError(
+            f"{what} has {len(values)} values but the optimizer has {len(groups)} parameter groups"
+            + (f" ({max(layer_ids) + 1} layer groups)" if None not in layer_ids else "")
+            + ": give one value, one per layer group, or one per parameter group."
+        )
+
+    def _resolve_total(self, trainer: pl.Trainer) -> int:
+        if self.total_steps is not None:
+            return self.total_steps
+        total = trainer.estimated_stepping_batches
+        if not math.isfinite(total) or total < 1:
+            raise MisconfigurationException(
+                "OneCycleWD needs the run length: set Trainer(max_epochs=...) or max_steps, or pass "
+                "OneCycleWD(total_steps=...)."
+            )
+        return int(total)
+
+    def _group_decay(self, group: dict[str, Any]) -> float:
+        wd = group[DECOUPLED_WD_KEY] if DECOUPLED_WD_KEY in group else (self.weight_decay or 0.0)
+        if wd > 0 and group.get("weight_decay", 0.0):
+            raise MisconfigurationException(
+                f"A parameter group has its own weight_decay={group['weight_decay']} in the optimizer and OneCycleWD "
+                f"would also apply decoupled decay {wd}: decay must happen once. Set weight_decay=0 on the optimizer "
+                "(torch.optim.AdamW defaults to 0.01) or drop OneCycleWD's weight_decay to keep the optimizer's own."
+            )
+        return float(wd)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        total = self._resolve_total(trainer)
+        if self._restored_total is not None and self._restored_total != total:
+            raise MisconfigurationException(
+                f"This run was checkpointed with a {self._restored_total}-step OneCycleWD cycle but now has {total} "
+                "optimizer steps (max_epochs, max_steps, batch size, devices or accumulate_grad_batches changed). "
+                "Resume with the original settings, pass OneCycleWD(total_steps="
+                f"{self._restored_total}) to keep the old schedule, or start a new run without --ckpt_path."
+            )
+        self._total = total
+        optimizers = [_unwrap(o) for o in trainer.optimizers]
+        for config in trainer.lr_scheduler_configs:
+            if _unwrap(config.scheduler.optimizer) in optimizers:
+                raise MisconfigurationException(
+                    f"configure_optimizers returned the lr scheduler {type(config.scheduler).__name__} and OneCycleWD "
+                    "also schedules that optimizer: two owners of the lr would fight. Return only the optimizer "
+                    "from configure_optimizers and let OneCycleWD schedule it."
+                )
+        for idx, optimizer in enumerate(optimizers):
+            owner = getattr(optimizer, DECAY_OWNER_ATTR, None)
+            if owner is not None and owner is not self:
+                raise MisconfigurationException(
+                    "Two OneCycleWD callbacks act on the same optimizer: weight decay would be applied twice. Keep one."
+                )
+            setattr(optimizer, DECAY_OWNER_ATTR, self)
+            self._wds[idx] = [self._group_decay(g) for g in optimizer.param_groups]
+            if self.schedule.cycles_momentum and not any(
+                k in optimizer.param_groups[0] for k in ("betas", "momentum")
+            ):
+                self._warn_once(
+                    f"nomom{idx}",
+                    f"{type(optimizer).__name__} has neither `momentum` nor `betas`: OneCycleWD schedules only its lr.",
+                )
+            if not self._cycles.get(idx):
+                lrs = [g["lr"] for g in optimizer.param_groups] if self.max_lr is None else self._per_group(
+                    optimizer, [self.max_lr] if isinstance(self.max_lr, (int, float)) else list(self.max_lr), "max_lr"
+                )
+                self._cycles[idx] = [{"start": 0, "max_lrs": [float(x) for x in lrs]}]
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            rank_zero_warn(message)
+
+    # ---------------------------------------------------------------- the step
+    def values(self, step: int, optimizer_idx: int = 0) -> tuple[list[float], float | None, list[float]]:
+        """``(lrs per group, momentum, decay factor per group)`` the callback uses at ``step`` (no ``lr_scale``)."""
+        if self._total is None:
+            raise RuntimeError("OneCycleWD.values() is available once training has started.")
+        cycles = self._cycles[optimizer_idx]
+        cycle = max((c for c in cycles if c["start"] <= step), key=lambda c: c["start"])
+        end = min([b for b in self._boundaries if b > cycle["start"]] + [self._total])
+        mult, momentum = self.schedule(step - cycle["start"], end - cycle["start"])
+        lrs = [m * mult for m in cycle["max_lrs"]]
+        norm = math.sqrt(1.0 / self._total) if self.normalized else 1.0
+        wds = self._wds[optimizer_idx]
+        if self.wd_convention == "lr":
+            decay = [lr * wd * norm for lr, wd in zip(lrs, wds)]
+        else:
+            decay = [mult * wd * norm for wd in wds]
+        return lrs, momentum, decay
+
+    def _sync_groups(self, idx: int, optimizer: Optimizer) -> None:
+        # parameter groups added after the start (e.g. by a BaseFinetuning callback) take their lr as peak
+        cycles, wds = self._cycles[idx], self._wds[idx]
+        for group in optimizer.param_groups[len(wds):]:
+            wds.append(self._group_decay(group))
+        for cycle in cycles:
+            cycle["max_lrs"] += [float(g["lr"]) for g in optimizer.param_groups[len(cycle["max_lrs"]):]]
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
+    ) -> None:
+        optimizer = _unwrap(optimizer)
+        optimizers = [_unwrap(o) for o in trainer.optimizers]
+        idx = next(i for i, o in enumerate(optimizers) if o is optimizer)
+        self._sync_groups(idx, optimizer)
+        step = trainer.global_step
+        if step >= self._total:
+            self._warn_once("overrun", f"Training ran past OneCycleWD's {self._total} steps; the last values are kept.")
+        lrs, momentum, decay = self.values(step, idx)
+        scale = float(getattr(pl_module, "lr_scale", 1.0))
+        if scale != 1.0:
+            lrs = [lr * scale for lr in lrs]
+            if self.wd_convention == "lr":
+                decay = [d * scale for d in decay]
+        skip = amp_will_skip_step(trainer, optimizer)
+        with torch.no_grad():
+            for group, lr, factor in zip(optimizer.param_groups, lrs, decay):
+                group["lr"] = lr
+                if momentum is not None:
+                    if "betas" in group:
+                        group["betas"] = (momentum, *tuple(group["betas"])[1:])
+                    elif "momentum" in group:
+                        group["momentum"] = momentum
+                if factor and not skip:
+                    params = [p for p in group["params"] if p.grad is not None]
+                    if params:
+                        torch._foreach_mul_(params, 1.0 - factor)
+        if self.log_values:
+            self._log(pl_module, idx, len(optimizers), lrs, momentum, decay, skip)
+
+    def _log(
+        self,
+        pl_module: pl.LightningModule,
+        idx: int,
+        n_optimizers: int,
+        lrs: list[float],
+        momentum: float | None,
+        decay: list[float],
+        skipped: bool,
+    ) -> None:
+        prefix = f"opt{idx}_" if n_optimizers > 1 else ""
+        single = len(lrs) == 1 and not prefix
+        metrics: dict[str, float] = {}
+        for g, (lr, d) in enumerate(zip(lrs, decay)):
+            suffix = "" if single else f"/{prefix}pg{g}"
+            metrics[f"lr{suffix}"] = lr
+            if momentum is not None:
+                metrics[f"momentum{suffix}"] = momentum
+            if self._wds[idx][g] > 0:
+                metrics[f"wd{suffix}"] = 0.0 if skipped else d
+        for name, value in metrics.items():
+            pl_module.log(name, value, on_step=True, on_epoch=False, prog_bar=False)
+
+    # ---------------------------------------------------------------- checkpointing
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "total_steps": self._total,
+            "cycles": {k: [dict(c, max_lrs=list(c["max_lrs"])) for c in v] for k, v in self._cycles.items()},
+            "boundaries": list(self._boundaries),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._restored_total = state_dict.get("total_steps")
+        self._cycles = {int(k): [dict(c) for c in v] for k, v in state_dict.get("cycles", {}).items()}
+        self._boundaries = list(state_dict.get("boundaries", []))

@@ -1,0 +1,346 @@
+"""Optimizer registry: names to factories, with weight decay as L2 or decoupled.
+
+Variants are data (an entry with defaults), not subclasses: ``adamw`` is ``torch.optim.Adam`` whose weight decay is
+decoupled, ``amsgrad`` is Adam with ``amsgrad=True``. Every name combines with both weight-decay modes, so each cell
+of the 2018 study's comparison (Adam+L2, Adam+WD, AMSGrad+L2, AMSGrad+WD, SGD+L2, SGD+WD) exists.
+
+* ``wd_mode="l2"``: the decay goes into the optimizer's own ``weight_decay`` (added to the gradient, then mixed into
+  the moving averages: what torch's ``Adam(weight_decay=...)`` and ``SGD(weight_decay=...)`` do).
+* ``wd_mode="decoupled"``: the optimizer gets ``weight_decay=0`` and each parameter group records
+  ``decoupled_weight_decay``; :class:`~lightning_adamw.OneCycleWD` applies ``w <- w - lr_t * wd * w`` after backward
+  and before the step. An optimizer built in this mode refuses to step when nothing applies the decay.
+
+Example::
+
+    from lightning_adamw import OptimizerConfig
+
+    def configure_optimizers(self):
+        # Adam + decoupled weight decay 0.1, the CIFAR-10 recipe of the 2018 study
+        return OptimizerConfig("adamw", lr=3e-3, betas=(0.95, 0.99), weight_decay=0.1).build(self)
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+WdMode = Literal["l2", "decoupled"]
+
+#: Parameter-group key holding the decoupled weight decay that OneCycleWD applies to the group.
+DECOUPLED_WD_KEY = "decoupled_weight_decay"
+#: Parameter-group key holding the index of the layer group (for discriminative learning rates).
+LAYER_GROUP_KEY = "layer_group"
+#: Attribute an optimizer carries once a callback has taken ownership of its decoupled weight decay.
+DECAY_OWNER_ATTR = "_lightning_adamw_decay_owner"
+
+
+@dataclass(frozen=True)
+class OptimizerEntry:
+    """One registry entry.
+
+    Args:
+        name: the name configs use.
+        factory: called as ``factory(param_groups, lr=..., weight_decay=..., **defaults, **overrides)``.
+        defaults: keyword arguments this entry always passes (``{"amsgrad": True}``), overridable by the user.
+        default_wd_mode: the weight-decay mode used when a config does not name one.
+        native_weight_decay: what the factory's own ``weight_decay`` argument does: ``"l2"`` (torch's Adam, SGD,
+            RMSprop), ``"decoupled"`` (optimizers that decay the weights themselves) or ``"none"`` (no such argument).
+        fixed_wd_mode: the name implies a mode (``adamw``, ``sgdw``) and the other mode is an error.
+        momentum_key: the group key that holds momentum: ``"betas"`` (first entry), ``"momentum"`` or ``None``.
+        description: one line for ``available_optimizers`` listings.
+    """
+
+    name: str
+    factory: Callable[..., Optimizer]
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    default_wd_mode: WdMode = "l2"
+    native_weight_decay: Literal["l2", "decoupled", "none"] = "l2"
+    fixed_wd_mode: bool = False
+    momentum_key: Literal["betas", "momentum"] | None = None
+    description: str = ""
+
+    def accepted_kwargs(self) -> set[str] | None:
+        """Keyword arguments the factory accepts, or ``None`` when it takes ``**kwargs``."""
+        params = inspect.signature(self.factory).parameters.values()
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+            return None
+        return {p.name for p in params}
+
+
+_REGISTRY: dict[str, OptimizerEntry] = {}
+
+
+def register_optimizer(
+    name: str,
+    factory: Callable[..., Optimizer],
+    *,
+    defaults: Mapping[str, Any] | None = None,
+    default_wd_mode: WdMode = "l2",
+    native_weight_decay: Literal["l2", "decoupled", "none"] = "l2",
+    fixed_wd_mode: bool = False,
+    momentum_key: Literal["betas", "momentum"] | None = None,
+    description: str = "",
+    overwrite: bool = False,
+) -> OptimizerEntry:
+    """Add an optimizer under ``name`` so configs can use it.
+
+    Example::
+
+        register_optimizer("nadam", torch.optim.NAdam, momentum_key="betas", description="Adam with Nesterov")
+
+    Raises:
+        ValueError: ``name`` is taken (pass ``overwrite=True`` to replace it) or is not a lowercase identifier.
+    """
+    if not name or name != name.lower() or not name.replace("_", "").isalnum():
+        raise ValueError(f"Optimizer name {name!r} must be a lowercase identifier such as 'my_adam'.")
+    if name in _REGISTRY and not overwrite:
+        raise ValueError(f"Optimizer {name!r} is already registered; pass overwrite=True to replace it.")
+    if fixed_wd_mode and default_wd_mode == "l2" and native_weight_decay != "l2":
+        raise ValueError(f"Optimizer {name!r}: a fixed 'l2' mode needs an optimizer whose weight_decay is L2.")
+    entry = OptimizerEntry(
+        name=name,
+        factory=factory,
+        defaults=dict(defaults or {}),
+        default_wd_mode=default_wd_mode,
+        native_weight_decay=native_weight_decay,
+        fixed_wd_mode=fixed_wd_mode,
+        momentum_key=momentum_key,
+        description=description,
+    )
+    _REGISTRY[name] = entry
+    return entry
+
+
+def available_optimizers() -> list[str]:
+    """Sorted names of every registered optimizer."""
+    return sorted(_REGISTRY)
+
+
+def get_optimizer_entry(name: str) -> OptimizerEntry:
+    """The entry for ``name``; an unknown name raises with the valid names and the closest match."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        close = difflib.get_close_matches(str(name), _REGISTRY, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(
+            f"Unknown optimizer {name!r}.{hint} Valid names: {', '.join(available_optimizers())}. "
+            "Add your own with lightning_adamw.register_optimizer(name, factory)."
+        ) from None
+
+
+def resolve_wd_mode(entry: OptimizerEntry, wd_mode: WdMode | None) -> WdMode:
+    """The weight-decay mode for ``entry``: the requested one, or the entry's default; conflicts raise."""
+    if wd_mode is None:
+        return entry.default_wd_mode
+    if wd_mode not in ("l2", "decoupled"):
+        raise ValueError(f"wd_mode must be 'l2' or 'decoupled', got {wd_mode!r}.")
+    if entry.fixed_wd_mode and wd_mode != entry.default_wd_mode:
+        base = next((n for n, e in _REGISTRY.items() if e.factory is entry.factory and not e.fixed_wd_mode), None)
+        fix = f"use {base!r} with wd_mode={wd_mode!r}" if base else f"drop wd_mode or use wd_mode={entry.default_wd_mode!r}"
+        raise ValueError(
+            f"Optimizer {entry.name!r} means weight decay mode {entry.default_wd_mode!r}, but wd_mode={wd_mode!r} "
+            f"was requested: {fix}."
+        )
+    if wd_mode == "l2" and entry.native_weight_decay != "l2":
+        raise ValueError(
+            f"Optimizer {entry.name!r} has no L2 weight decay (its own weight_decay is "
+            f"{entry.native_weight_decay!r}); use wd_mode='decoupled'."
+        )
+    return wd_mode
+
+
+def _is_no_decay(name: str, param: torch.Tensor) -> bool:
+    # timm's rule: biases and every 1-d tensor (BatchNorm/LayerNorm/GroupNorm weights and biases)
+    return param.ndim <= 1 or name.endswith(".bias") or name == "bias"
+
+
+def _named_layer_groups(
+    params: nn.Module | Sequence[nn.Module] | Iterable[torch.Tensor],
+) -> list[list[tuple[str, torch.Tensor]]]:
+    if isinstance(params, nn.Module):
+        return [list(params.named_parameters())]
+    items = list(params)
+    if items and all(isinstance(m, nn.Module) for m in items):
+        return [list(m.named_parameters()) for m in items]
+    if all(isinstance(p, torch.Tensor) for p in items):
+        return [[(f"param{i}", p) for i, p in enumerate(items)]]
+    raise TypeError(
+        "Expected a module, a list of modules (layer groups) or an iterable of parameters; got "
+        f"{[type(m).__name__ for m in items[:3]]}..."
+    )
+
+
+def param_groups(
+    params: nn.Module | Sequence[nn.Module] | Iterable[torch.Tensor],
+    *,
+    lr: float | Sequence[float],
+    weight_decay: float = 0.0,
+    wd_mode: WdMode = "l2",
+    exclude_bias_and_norm: bool = False,
+) -> list[dict[str, Any]]:
+    """Parameter groups with per-layer-group learning rates and weight decay in the requested mode.
+
+    Args:
+        params: a module, a list of modules (layer groups, e.g. body then head) or an iterable of parameters.
+        lr: one learning rate, or one per layer group (discriminative learning rates).
+        weight_decay: the decay; where it goes depends on ``wd_mode`` (see the module docstring).
+        wd_mode: ``"l2"`` or ``"decoupled"``.
+        exclude_bias_and_norm: no decay for biases and 1-d parameters (normalisation weights). The 2018 study
+            decayed everything, hence the default ``False``.
+
+    Each group carries ``layer_group`` (its index) and ``decoupled_weight_decay``. A parameter shared between
+    layer groups (tied weights) belongs to the first group that holds it.
+    """
+    groups = _named_layer_groups(params)
+    lrs = [float(lr)] * len(groups) if isinstance(lr, (int, float)) else [float(x) for x in lr]
+    if len(lrs) != len(groups):
+        raise ValueError(f"Got {len(lrs)} learning rates for {len(groups)} layer groups; give one per group.")
+    if weight_decay < 0:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}.")
+    seen: set[int] = set()
+    out: list[dict[str, Any]] = []
+    for index, (named, group_lr) in enumerate(zip(groups, lrs)):
+        decay, no_decay = [], []
+        for name, p in named:
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            (no_decay if exclude_bias_and_norm and _is_no_decay(name, p) else decay).append(p)
+        for plist, wd in ((decay, weight_decay), (no_decay, 0.0)):
+            if not plist:
+                continue
+            out.append(
+                {
+                    "params": plist,
+                    "lr": group_lr,
+                    "weight_decay": wd if wd_mode == "l2" else 0.0,
+                    DECOUPLED_WD_KEY: wd if wd_mode == "decoupled" else 0.0,
+                    LAYER_GROUP_KEY: index,
+                }
+            )
+    if not out:
+        raise ValueError("No parameters to optimize: the module or layer groups are empty.")
+    return out
+
+
+def _require_decay_owner(optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+    if getattr(optimizer, DECAY_OWNER_ATTR, None) is None:
+        raise RuntimeError(
+            f"{type(optimizer).__name__} was built with wd_mode='decoupled', but nothing applies the decoupled weight "
+            "decay. Add the callback lightning_adamw.OneCycleWD (schedule=Constant() for decay without a schedule) "
+            "to the Trainer, or build the optimizer with wd_mode='l2'."
+        )
+
+
+def build_optimizer(
+    params: nn.Module | Sequence[nn.Module] | Iterable[torch.Tensor],
+    name: str = "adam",
+    *,
+    lr: float | Sequence[float] = 1e-3,
+    weight_decay: float = 0.0,
+    wd_mode: WdMode | None = None,
+    exclude_bias_and_norm: bool = False,
+    **kwargs: Any,
+) -> Optimizer:
+    """Build the registered optimizer ``name`` over ``params``.
+
+    Extra keyword arguments (``betas``, ``eps``, ``momentum``, ...) go to the optimizer; one it does not take raises
+    with the list of those it does.
+    """
+    entry = get_optimizer_entry(name)
+    mode = resolve_wd_mode(entry, wd_mode)
+    groups = param_groups(params, lr=lr, weight_decay=weight_decay, wd_mode=mode,
+                          exclude_bias_and_norm=exclude_bias_and_norm)
+    options = {**entry.defaults, **kwargs}
+    accepted = entry.accepted_kwargs()
+    if accepted is not None:
+        unknown = sorted(set(options) - accepted)
+        if unknown:
+            valid = sorted(accepted - {"self", "params", "lr", "weight_decay"})
+            raise ValueError(f"Optimizer {name!r} does not take {unknown}; it takes {valid}.")
+    if entry.native_weight_decay != "none":
+        options["weight_decay"] = 0.0  # per group above: L2 value in l2 mode, 0 in decoupled mode
+    optimizer = entry.factory(groups, lr=groups[0]["lr"], **options)
+    if mode == "decoupled" and weight_decay > 0:
+        optimizer.register_step_post_hook(_require_decay_owner)
+    return optimizer
+
+
+@dataclass
+class OptimizerConfig:
+    """An optimizer chosen by name, as it appears in a config file.
+
+    Args:
+        name: a registry name (``sgd``, ``sgdw``, ``adam``, ``adamw``, ``amsgrad``, ``rmsprop``, or one you added).
+        lr: the (maximum) learning rate, or one per layer group for discriminative learning rates.
+        weight_decay: weight decay (``wd`` in the study); see ``wd_mode``.
+        wd_mode: ``"l2"`` or ``"decoupled"``; ``None`` takes the name's default (``adamw``/``sgdw``: decoupled).
+        betas: Adam's ``(beta1, beta2)``; the 2018 recipes use beta2 = 0.99.
+        momentum: SGD/RMSprop momentum.
+        eps: the optimizer's epsilon.
+        exclude_bias_and_norm: no decay on biases and normalisation weights.
+        kwargs: any other optimizer argument (``nesterov``, ``alpha``, ...).
+
+    Example::
+
+        OptimizerConfig("adam", lr=3e-3, betas=(0.95, 0.99), weight_decay=0.1, wd_mode="decoupled").build(model)
+    """
+
+    name: str = "adam"
+    lr: float | list[float] = 1e-3
+    weight_decay: float = 0.0
+    wd_mode: WdMode | None = None
+    betas: tuple[float, float] | None = None
+    momentum: float | None = None
+    eps: float | None = None
+    exclude_bias_and_norm: bool = False
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        entry = get_optimizer_entry(self.name)
+        resolve_wd_mode(entry, self.wd_mode)
+        lrs = [self.lr] if isinstance(self.lr, (int, float)) else list(self.lr)
+        if not lrs or any(x <= 0 for x in lrs):
+            raise ValueError(f"lr must be positive (one value or one per layer group), got {self.lr}.")
+        if self.betas is not None and not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"betas must lie in [0, 1), got {self.betas}.")
+
+    @property
+    def resolved_wd_mode(self) -> WdMode:
+        """The weight-decay mode after applying the name's default."""
+        return resolve_wd_mode(get_optimizer_entry(self.name), self.wd_mode)
+
+    def build(self, params: nn.Module | Sequence[nn.Module] | Iterable[torch.Tensor]) -> Optimizer:
+        """The optimizer over a module, a list of layer-group modules, or parameters."""
+        extra = {k: v for k, v in (("betas", self.betas), ("momentum", self.momentum), ("eps", self.eps))
+                 if v is not None}
+        return build_optimizer(
+            params,
+            self.name,
+            lr=self.lr,
+            weight_decay=self.weight_decay,
+            wd_mode=self.wd_mode,
+            exclude_bias_and_norm=self.exclude_bias_and_norm,
+            **extra,
+            **self.kwargs,
+        )
+
+
+register_optimizer("sgd", torch.optim.SGD, defaults={"momentum": 0.9}, momentum_key="momentum",
+                   description="SGD with momentum 0.9 (L2 weight decay by default)")
+register_optimizer("sgdw", torch.optim.SGD, defaults={"momentum": 0.9}, momentum_key="momentum",
+                   default_wd_mode="decoupled", fixed_wd_mode=True, description="SGD with decoupled weight decay")
+register_optimizer("adam", torch.optim.Adam, momentum_key="betas", description="Adam (L2 weight decay by default)")
+register_optimizer("adamw", torch.optim.Adam, momentum_key="betas", default_wd_mode="decoupled",
+                   fixed_wd_mode=True, description="Adam with decoupled weight decay (AdamW)")
+register_optimizer("amsgrad", torch.optim.Adam, defaults={"amsgrad": True}, momentum_key="betas",
+                   description="AMSGrad (Adam with v_max); wd_mode selects L2 or decoupled")
+register_optimizer("rmsprop", torch.optim.RMSprop, momentum_key="momentum", description="RMSprop")
