@@ -59,7 +59,7 @@ class OneCycleWD(Callback):
             (so discriminative lrs scale together).
         total_steps: optimizer steps in the run; ``None`` asks the trainer.
         weight_decay: decoupled decay for groups that do not say their own; ``None`` applies only what groups carry
-            in ``decoupled_weight_decay`` (set by :func:`~lightning_adamw.build_optimizer` in decoupled mode).
+            in ``decoupled_wd`` (set by :func:`~lightning_adamw.build_optimizer` in decoupled mode).
         wd_convention: ``"lr"``: decay ``lr_t * wd``; ``"schedule"``: decay ``eta_t * wd`` (paper).
         normalized: treat the weight decay as the AdamW paper's normalised ``lambda_norm`` and use
             ``lambda_norm * sqrt(b / (B * T))``; ``B * T / b`` is the number of optimizer steps of the run.

@@ -7,7 +7,7 @@ of the 2018 study's comparison (Adam+L2, Adam+WD, AMSGrad+L2, AMSGrad+WD, SGD+L2
 * ``wd_mode="l2"``: the decay goes into the optimizer's own ``weight_decay`` (added to the gradient, then mixed into
   the moving averages: what torch's ``Adam(weight_decay=...)`` and ``SGD(weight_decay=...)`` do).
 * ``wd_mode="decoupled"``: the optimizer gets ``weight_decay=0`` and each parameter group records
-  ``decoupled_weight_decay``; :class:`~lightning_adamw.OneCycleWD` applies ``w <- w - lr_t * wd * w`` after backward
+  ``decoupled_wd``; :class:`~lightning_adamw.OneCycleWD` applies ``w <- w - lr_t * wd * w`` after backward
   and before the step. An optimizer built in this mode refuses to step when nothing applies the decay.
 
 Example::
@@ -34,7 +34,7 @@ from torch.optim import Optimizer
 WdMode = Literal["l2", "decoupled"]
 
 #: Parameter-group key holding the decoupled weight decay that OneCycleWD applies to the group.
-DECOUPLED_WD_KEY = "decoupled_weight_decay"
+DECOUPLED_WD_KEY = "decoupled_wd"
 #: Parameter-group key holding the index of the layer group (for discriminative learning rates).
 LAYER_GROUP_KEY = "layer_group"
 #: Attribute an optimizer carries once a callback has taken ownership of its decoupled weight decay.
@@ -196,7 +196,7 @@ def param_groups(
         exclude_bias_and_norm: no decay for biases and 1-d parameters (normalisation weights). The 2018 study
             decayed everything, hence the default ``False``.
 
-    Each group carries ``layer_group`` (its index) and ``decoupled_weight_decay``. A parameter shared between
+    Each group carries ``layer_group`` (its index) and ``decoupled_wd``. A parameter shared between
     layer groups (tied weights) belongs to the first group that holds it.
     """
     groups = _named_layer_groups(params)

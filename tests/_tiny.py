@@ -1,0 +1,126 @@
+"""Tiny float64 models and a recorder shared by the plugin tests."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_adamw import OptimizerConfig
+
+
+def regression_data(n: int = 64, seed: int = 0) -> TensorDataset:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 8, generator=gen, dtype=torch.float64)
+    y = x @ torch.randn(8, 1, generator=gen, dtype=torch.float64) + 0.1 * torch.randn(n, 1, generator=gen,
+                                                                                      dtype=torch.float64)
+    return TensorDataset(x, y)
+
+
+def make_net(seed: int = 0, norm: bool = False) -> nn.Sequential:
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = [nn.Linear(8, 16)]
+    if norm:
+        layers.append(nn.BatchNorm1d(16))
+    layers += [nn.Tanh(), nn.Linear(16, 1)]
+    return nn.Sequential(*layers).double()
+
+
+def loader(batch_size: int = 8, n: int = 64) -> DataLoader:
+    return DataLoader(regression_data(n), batch_size=batch_size, shuffle=False)
+
+
+class TinyRegression(pl.LightningModule):
+    """MSE regression; the optimizer comes from a factory (registry config or plain torch)."""
+
+    def __init__(self, optimizer: OptimizerConfig | Callable[[Any], torch.optim.Optimizer] | None = None,
+                 norm: bool = False, seed: int = 0) -> None:
+        super().__init__()
+        self.net = make_net(seed, norm)
+        self.optimizer_factory = optimizer or OptimizerConfig("adam")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def layer_groups(self) -> list[nn.Module]:
+        return [self.net[:-1], self.net[-1:]]
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = nn.functional.mse_loss(self(x), y)
+        self.log("train/loss", loss, on_step=True, on_epoch=False)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        self.log("val/loss", nn.functional.mse_loss(self(x), y))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        if isinstance(self.optimizer_factory, OptimizerConfig):
+            return self.optimizer_factory.build(self.net)
+        return self.optimizer_factory(self.net.parameters())
+
+
+class Recorder(Callback):
+    """Records lr / momentum of every group as they are at the optimizer step, via a step post-hook."""
+
+    def __init__(self) -> None:
+        self.lrs: list[list[float]] = []
+        self.momenta: list[list[float | None]] = []
+        self.steps: list[int] = []
+        self._handle: Any = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        optimizer = trainer.optimizers[0]
+
+        def hook(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+            self.steps.append(trainer.global_step)
+            self.lrs.append([g["lr"] for g in opt.param_groups])
+            self.momenta.append([g["betas"][0] if "betas" in g else g.get("momentum") for g in opt.param_groups])
+
+        self._handle = optimizer.register_step_post_hook(hook)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._handle.remove()
+
+
+def trainer(**kwargs: Any) -> pl.Trainer:
+    defaults: dict[str, Any] = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
+    defaults.update(kwargs)
+    return pl.Trainer(**defaults)
+
+
+def oracle_loop(
+    net: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+    epochs: int,
+    batch_size: int = 8,
+    before_step: Callable[[int], None] | None = None,
+) -> None:
+    """The plain PyTorch loop the Lightning runs are compared with."""
+    step = 0
+    for _ in range(epochs):
+        for x, y in loader(batch_size):
+            optimizer.zero_grad(set_to_none=True)
+            nn.functional.mse_loss(net(x), y).backward()
+            if before_step is not None:
+                before_step(step)
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            step += 1
