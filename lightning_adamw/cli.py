@@ -9,12 +9,17 @@ from __future__ import annotations
 import importlib
 import pkgutil
 import sys
+from collections.abc import Iterator
+from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
+from jsonargparse import Namespace
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
 
 import lightning_adamw  # noqa: F401  (registers OneCycleWD, FreezeUnfreeze and the schedules for short names)
+from lightning_adamw.registry import OptimizerConfig
 
 ZOO_PACKAGES = ("models", "datamodules")
 
@@ -36,14 +41,45 @@ def import_zoo(root: Path | None = None) -> list[str]:
     return imported
 
 
+def _optimizer_configs(node: Any, path: str = "") -> Iterator[tuple[str, Namespace]]:
+    """Every namespace in a parsed config shaped like an OptimizerConfig, with its dotted key."""
+    if isinstance(node, Namespace):
+        children = vars(node)
+        if _OPTIMIZER_FIELDS <= set(children):
+            yield path, node
+            return
+        for key, child in children.items():
+            yield from _optimizer_configs(child, f"{path}.{key}" if path else key)
+    elif isinstance(node, (list, tuple)):
+        for i, item in enumerate(node):
+            yield from _optimizer_configs(item, f"{path}[{i}]")
+
+
+_OPTIMIZER_FIELDS = {f.name for f in fields(OptimizerConfig)}
+
+
+class AdamWCLI(LightningCLI):
+    """LightningCLI that checks optimizer choices before anything is built, for a short error instead of a trace."""
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        for key, node in _optimizer_configs(config):
+            try:
+                OptimizerConfig(**{k: node[k] for k in _OPTIMIZER_FIELDS})
+            except (TypeError, ValueError) as err:
+                self.parser.error(f"{key}: {err}")
+
+
 def main(args: list[str] | None = None) -> LightningCLI:
     """Console entry point (``lightning-adamw`` and ``python -m lightning_adamw``)."""
     import_zoo()
-    return LightningCLI(
+    return AdamWCLI(
         LightningModule,
         LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
+        # optimizers come from the model's OptimizerConfig and schedules from OneCycleWD, not from CLI-level keys
+        auto_configure_optimizers=False,
         args=args,
     )

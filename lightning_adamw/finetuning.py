@@ -32,8 +32,8 @@ class FreezeUnfreeze(BaseFinetuning):
 
     Example::
 
-        trainer = Trainer(max_epochs=60, callbacks=[OneCycleWD(OneCycle2018(pct=0.1)),
-                                                    FreezeUnfreeze(unfreeze_at_epoch=20, lrs=[3e-3 / 9, 3e-3 / 3, 3e-3])])
+        unfreeze = FreezeUnfreeze(unfreeze_at_epoch=20, lrs=[3e-3 / 9, 3e-3 / 3, 3e-3])
+        trainer = Trainer(max_epochs=60, callbacks=[OneCycleWD(OneCycle2018(pct=0.1)), unfreeze])
     """
 
     def __init__(self, unfreeze_at_epoch: int, lrs: float | list[float] | None = None, train_bn: bool = False) -> None:

@@ -97,7 +97,9 @@ class OneCycleWD(Callback):
         if weight_decay is not None and weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay}.")
         if wd_convention not in ("lr", "schedule"):
-            raise ValueError(f"wd_convention must be 'lr' (lr_t * wd) or 'schedule' (eta_t * wd), got {wd_convention!r}.")
+            raise ValueError(
+                f"wd_convention must be 'lr' (lr_t * wd) or 'schedule' (eta_t * wd), got {wd_convention!r}."
+            )
         self.schedule = schedule if schedule is not None else OneCycle()
         self.max_lr = max_lr
         self.total_steps = total_steps
@@ -197,11 +199,6 @@ class OneCycleWD(Callback):
                     "from configure_optimizers and let OneCycleWD schedule it."
                 )
         for idx, optimizer in enumerate(optimizers):
-            owner = getattr(optimizer, DECAY_OWNER_ATTR, None)
-            if owner is not None and owner is not self:
-                raise MisconfigurationException(
-                    "Two OneCycleWD callbacks act on the same optimizer: weight decay would be applied twice. Keep one."
-                )
             setattr(optimizer, DECAY_OWNER_ATTR, self)
             self._wds[idx] = [self._group_decay(g) for g in optimizer.param_groups]
             if self.schedule.cycles_momentum and not any(

@@ -144,7 +144,8 @@ def resolve_wd_mode(entry: OptimizerEntry, wd_mode: WdMode | None) -> WdMode:
         raise ValueError(f"wd_mode must be 'l2' or 'decoupled', got {wd_mode!r}.")
     if entry.fixed_wd_mode and wd_mode != entry.default_wd_mode:
         base = next((n for n, e in _REGISTRY.items() if e.factory is entry.factory and not e.fixed_wd_mode), None)
-        fix = f"use {base!r} with wd_mode={wd_mode!r}" if base else f"drop wd_mode or use wd_mode={entry.default_wd_mode!r}"
+        fix = (f"use {base!r} with wd_mode={wd_mode!r}" if base
+               else f"drop wd_mode or use wd_mode={entry.default_wd_mode!r}")
         raise ValueError(
             f"Optimizer {entry.name!r} means weight decay mode {entry.default_wd_mode!r}, but wd_mode={wd_mode!r} "
             f"was requested: {fix}."

@@ -124,3 +124,27 @@ def oracle_loop(
             if scheduler is not None:
                 scheduler.step()
             step += 1
+
+
+class TinyCLIModel(TinyRegression):
+    """A LightningCLI-friendly tiny model: the optimizer chosen by name in the config."""
+
+    def __init__(self, optimizer: OptimizerConfig | None = None) -> None:
+        super().__init__(optimizer)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return self.optimizer_factory.build(self.layer_groups())
+
+
+class TinyData(pl.LightningDataModule):
+    """64 float64 regression samples, batches of 8."""
+
+    def __init__(self, batch_size: int = 8) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+
+    def train_dataloader(self) -> DataLoader:
+        return loader(self.batch_size)
+
+    def val_dataloader(self) -> DataLoader:
+        return loader(self.batch_size)

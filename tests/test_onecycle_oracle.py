@@ -6,9 +6,9 @@ import math
 
 import pytest
 import torch
+from _tiny import Recorder, TinyRegression, loader, make_net, oracle_loop, trainer
 from torch.optim.lr_scheduler import OneCycleLR
 
-from _tiny import Recorder, TinyRegression, loader, make_net, oracle_loop, trainer
 from lightning_adamw import Constant, OneCycle, OneCycle2018, OneCycleWD, OptimizerConfig
 
 EPOCHS, STEPS = 7, 56  # 64 samples / batch 8 = 8 steps per epoch
