@@ -189,7 +189,6 @@ class OneCycleWD(Callback):
                 "Resume with the original settings, pass OneCycleWD(total_steps="
                 f"{self._restored_total}) to keep the old schedule, or start a new run without --ckpt_path."
             )
-        self._total = total
         optimizers = [_unwrap(o) for o in trainer.optimizers]
         for config in trainer.lr_scheduler_configs:
             if _unwrap(config.scheduler.optimizer) in optimizers:
@@ -198,6 +197,14 @@ class OneCycleWD(Callback):
                     "also schedules that optimizer: two owners of the lr would fight. Return only the optimizer "
                     "from configure_optimizers and let OneCycleWD schedule it."
                 )
+        self.attach(optimizers, total)
+
+    def attach(self, optimizers: Sequence[Optimizer], total_steps: int) -> None:
+        """Take charge of ``optimizers`` for a run of ``total_steps`` optimizer steps.
+
+        The Trainer hooks call this; a hand-written loop calls it once, then :meth:`apply` before each step.
+        """
+        self._total = int(total_steps)
         for idx, optimizer in enumerate(optimizers):
             setattr(optimizer, DECAY_OWNER_ATTR, self)
             self._wds[idx] = [self._group_decay(g) for g in optimizer.param_groups]
@@ -245,23 +252,28 @@ class OneCycleWD(Callback):
         for cycle in cycles:
             cycle["max_lrs"] += [float(g["lr"]) for g in optimizer.param_groups[len(cycle["max_lrs"]):]]
 
-    def on_before_optimizer_step(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
-    ) -> None:
-        optimizer = _unwrap(optimizer)
-        optimizers = [_unwrap(o) for o in trainer.optimizers]
-        idx = next(i for i, o in enumerate(optimizers) if o is optimizer)
-        self._sync_groups(idx, optimizer)
-        step = trainer.global_step
+    def apply(
+        self,
+        optimizer: Optimizer,
+        step: int,
+        optimizer_idx: int = 0,
+        lr_scale: float = 1.0,
+        skip_decay: bool = False,
+    ) -> tuple[list[float], float | None, list[float]]:
+        """Set lr and momentum for ``step`` and apply the decoupled decay; call after backward, before the step.
+
+        Returns ``(lrs, momentum, decay factors)`` as applied (decay 0 where skipped).
+        """
+        self._sync_groups(optimizer_idx, optimizer)
         if step >= self._total:
             self._warn_once("overrun", f"Training ran past OneCycleWD's {self._total} steps; the last values are kept.")
-        lrs, momentum, decay = self.values(step, idx)
-        scale = float(getattr(pl_module, "lr_scale", 1.0))
-        if scale != 1.0:
-            lrs = [lr * scale for lr in lrs]
+        lrs, momentum, decay = self.values(step, optimizer_idx)
+        if lr_scale != 1.0:
+            lrs = [lr * lr_scale for lr in lrs]
             if self.wd_convention == "lr":
-                decay = [d * scale for d in decay]
-        skip = amp_will_skip_step(trainer, optimizer)
+                decay = [d * lr_scale for d in decay]
+        if skip_decay:
+            decay = [0.0] * len(decay)
         with torch.no_grad():
             for group, lr, factor in zip(optimizer.param_groups, lrs, decay):
                 group["lr"] = lr
@@ -270,12 +282,27 @@ class OneCycleWD(Callback):
                         group["betas"] = (momentum, *tuple(group["betas"])[1:])
                     elif "momentum" in group:
                         group["momentum"] = momentum
-                if factor and not skip:
+                if factor:
                     params = [p for p in group["params"] if p.grad is not None]
                     if params:
                         torch._foreach_mul_(params, 1.0 - factor)
+        return lrs, momentum, decay
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
+    ) -> None:
+        optimizer = _unwrap(optimizer)
+        optimizers = [_unwrap(o) for o in trainer.optimizers]
+        idx = next(i for i, o in enumerate(optimizers) if o is optimizer)
+        lrs, momentum, decay = self.apply(
+            optimizer,
+            trainer.global_step,
+            optimizer_idx=idx,
+            lr_scale=float(getattr(pl_module, "lr_scale", 1.0)),
+            skip_decay=amp_will_skip_step(trainer, optimizer),
+        )
         if self.log_values:
-            self._log(pl_module, idx, len(optimizers), lrs, momentum, decay, skip)
+            self._log(pl_module, idx, len(optimizers), lrs, momentum, decay)
 
     def _log(
         self,
@@ -285,7 +312,6 @@ class OneCycleWD(Callback):
         lrs: list[float],
         momentum: float | None,
         decay: list[float],
-        skipped: bool,
     ) -> None:
         prefix = f"opt{idx}_" if n_optimizers > 1 else ""
         single = len(lrs) == 1 and not prefix
@@ -296,7 +322,7 @@ class OneCycleWD(Callback):
             if momentum is not None:
                 metrics[f"momentum{suffix}"] = momentum
             if self._wds[idx][g] > 0:
-                metrics[f"wd{suffix}"] = 0.0 if skipped else d
+                metrics[f"wd{suffix}"] = d
         for name, value in metrics.items():
             pl_module.log(name, value, on_step=True, on_epoch=False, prog_bar=False)
 
