@@ -148,3 +148,15 @@ class TinyData(pl.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return loader(self.batch_size)
+
+
+class ShardedData(TinyData):
+    """Each rank takes every world_size-th sample, unshuffled (Lightning's own sampler would shuffle under DDP)."""
+
+    def train_dataloader(self) -> DataLoader:
+        from torch.utils.data.distributed import DistributedSampler
+
+        data = regression_data()
+        sampler = DistributedSampler(data, num_replicas=self.trainer.world_size, rank=self.trainer.global_rank,
+                                     shuffle=False)
+        return DataLoader(data, batch_size=self.batch_size, sampler=sampler)
