@@ -5,6 +5,7 @@ momentum plus decoupled weight decay for any optimizer), ``FreezeUnfreeze`` fine
 entry point ``python -m lightning_adamw``.
 """
 
+from lightning_adamw.divergence import DivergenceError, DivergenceGuard
 from lightning_adamw.finetuning import FreezeUnfreeze
 from lightning_adamw.onecycle import OneCycleWD
 from lightning_adamw.registry import (
@@ -20,6 +21,8 @@ from lightning_adamw.schedules import Constant, OneCycle, OneCycle2018, OneCycle
 
 __all__ = [
     "Constant",
+    "DivergenceError",
+    "DivergenceGuard",
     "FreezeUnfreeze",
     "OneCycle",
     "OneCycle2018",
