@@ -7,6 +7,7 @@ entry point ``python -m lightning_adamw``.
 
 from lightning_adamw.divergence import DivergenceError, DivergenceGuard
 from lightning_adamw.finetuning import FreezeUnfreeze
+from lightning_adamw.interrupt import RunInterrupted, SaveOnInterrupt
 from lightning_adamw.onecycle import OneCycleWD
 from lightning_adamw.registry import (
     OptimizerConfig,
@@ -31,6 +32,8 @@ __all__ = [
     "OptimizerConfig",
     "OptimizerEntry",
     "Phase",
+    "RunInterrupted",
+    "SaveOnInterrupt",
     "Schedule",
     "available_optimizers",
     "build_optimizer",

@@ -160,3 +160,27 @@ class ShardedData(TinyData):
         sampler = DistributedSampler(data, num_replicas=self.trainer.world_size, rank=self.trainer.global_rank,
                                      shuffle=False)
         return DataLoader(data, batch_size=self.batch_size, sampler=sampler)
+
+
+class ResumableLoader(DataLoader):
+    """An unshuffled DataLoader that Lightning can resume mid-epoch (it has ``state_dict`` / ``load_state_dict``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._served = 0
+        self._skip = 0
+
+    def __iter__(self) -> Any:
+        skip, self._skip = self._skip, 0
+        self._served = skip
+        for i, batch in enumerate(super().__iter__()):
+            if i < skip:
+                continue
+            self._served += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"served": self._served}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._skip = state["served"]
