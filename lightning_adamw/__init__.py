@@ -5,6 +5,7 @@ momentum plus decoupled weight decay for any optimizer), ``FreezeUnfreeze`` fine
 entry point ``python -m lightning_adamw``.
 """
 
+from lightning_adamw.decay import DecoupledDecay
 from lightning_adamw.divergence import DivergenceError, DivergenceGuard
 from lightning_adamw.finetuning import FreezeUnfreeze
 from lightning_adamw.interrupt import RunInterrupted, SaveOnInterrupt
@@ -22,6 +23,7 @@ from lightning_adamw.schedules import Constant, OneCycle, OneCycle2018, OneCycle
 
 __all__ = [
     "Constant",
+    "DecoupledDecay",
     "DivergenceError",
     "DivergenceGuard",
     "FreezeUnfreeze",

@@ -11,7 +11,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.optim import Optimizer
 
-from lightning_adamw.onecycle import OneCycleWD, _unwrap
+from lightning_adamw.decay import unwrap_optimizer
+from lightning_adamw.onecycle import OneCycleWD
 
 
 class FreezeUnfreeze(BaseFinetuning):
@@ -81,7 +82,8 @@ class FreezeUnfreeze(BaseFinetuning):
         self.freeze(self.layer_groups(pl_module)[:-1], train_bn=self.train_bn)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        in_optimizer = {id(p) for opt in trainer.optimizers for g in _unwrap(opt).param_groups for p in g["params"]}
+        in_optimizer = {id(p) for opt in map(unwrap_optimizer, trainer.optimizers)
+                        for g in opt.param_groups for p in g["params"]}
         missing = [n for n, p in pl_module.named_parameters() if id(p) not in in_optimizer
                    and any(p is q for grp in self.layer_groups(pl_module) for q in grp.parameters())]
         if missing:
@@ -113,8 +115,8 @@ class FreezeUnfreeze(BaseFinetuning):
             group.train()
         trainer = pl_module.trainer
         onecycle = self._onecycle(trainer)
-        optimizer = _unwrap(optimizer)
-        idx = next(i for i, o in enumerate(trainer.optimizers) if _unwrap(o) is optimizer)
+        optimizer = unwrap_optimizer(optimizer)
+        idx = next(i for i, o in enumerate(trainer.optimizers) if unwrap_optimizer(o) is optimizer)
         if self._cycle_started:
             return  # a resumed run: the fresh cycle is already in OneCycleWD's restored state
         self._cycle_started = True

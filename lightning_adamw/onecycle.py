@@ -13,27 +13,9 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.optim import Optimizer
 
-from lightning_adamw.registry import DECAY_OWNER_ATTR, DECOUPLED_WD_KEY, LAYER_GROUP_KEY
+from lightning_adamw.decay import amp_will_skip_step, decay_group_, group_weight_decay, unwrap_optimizer
+from lightning_adamw.registry import DECAY_OWNER_ATTR, LAYER_GROUP_KEY
 from lightning_adamw.schedules import OneCycle, Schedule
-
-
-def _unwrap(optimizer: Any) -> Optimizer:
-    # LightningOptimizer wraps the torch optimizer
-    return getattr(optimizer, "_optimizer", optimizer)
-
-
-def amp_will_skip_step(trainer: pl.Trainer, optimizer: Optimizer) -> bool:
-    """Whether fp16 mixed precision's GradScaler is about to skip this optimizer's step (inf/nan gradients).
-
-    Only meaningful after the gradients were unscaled, which Lightning does before ``on_before_optimizer_step``.
-    """
-    scaler = getattr(trainer.precision_plugin, "scaler", None)
-    if scaler is None or not scaler.is_enabled():
-        return False
-    # GradScaler keeps no public accessor for this; unscale_ records it per optimizer
-    state = scaler._per_optimizer_states.get(id(optimizer), {})
-    found = state.get("found_inf_per_device", {})
-    return bool(found) and sum(v.item() for v in found.values()) > 0
 
 
 class OneCycleWD(Callback):
@@ -131,7 +113,7 @@ class OneCycleWD(Callback):
         cycles = self._cycles.setdefault(optimizer_idx, [])
         if any(c["start"] == step for c in cycles):
             return  # already started (a resumed run re-enters the same epoch)
-        optimizer = _unwrap(trainer.optimizers[optimizer_idx])
+        optimizer = unwrap_optimizer(trainer.optimizers[optimizer_idx])
         if max_lr is None:
             if not cycles:
                 raise RuntimeError("start_cycle(max_lr=None) needs an earlier cycle to take its peak lrs from.")
@@ -170,16 +152,6 @@ class OneCycleWD(Callback):
             )
         return int(total)
 
-    def _group_decay(self, group: dict[str, Any]) -> float:
-        wd = group[DECOUPLED_WD_KEY] if DECOUPLED_WD_KEY in group else (self.weight_decay or 0.0)
-        if wd > 0 and group.get("weight_decay", 0.0):
-            raise MisconfigurationException(
-                f"A parameter group has its own weight_decay={group['weight_decay']} in the optimizer and OneCycleWD "
-                f"would also apply decoupled decay {wd}: decay must happen once. Set weight_decay=0 on the optimizer "
-                "(torch.optim.AdamW defaults to 0.01) or drop OneCycleWD's weight_decay to keep the optimizer's own."
-            )
-        return float(wd)
-
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         total = self._resolve_total(trainer)
         if self._restored_total is not None and self._restored_total != total:
@@ -189,9 +161,9 @@ class OneCycleWD(Callback):
                 "Resume with the original settings, pass OneCycleWD(total_steps="
                 f"{self._restored_total}) to keep the old schedule, or start a new run without --ckpt_path."
             )
-        optimizers = [_unwrap(o) for o in trainer.optimizers]
+        optimizers = [unwrap_optimizer(o) for o in trainer.optimizers]
         for config in trainer.lr_scheduler_configs:
-            if _unwrap(config.scheduler.optimizer) in optimizers:
+            if unwrap_optimizer(config.scheduler.optimizer) in optimizers:
                 raise MisconfigurationException(
                     f"configure_optimizers returned the lr scheduler {type(config.scheduler).__name__} and OneCycleWD "
                     "also schedules that optimizer: two owners of the lr would fight. Return only the optimizer "
@@ -207,7 +179,7 @@ class OneCycleWD(Callback):
         self._total = int(total_steps)
         for idx, optimizer in enumerate(optimizers):
             setattr(optimizer, DECAY_OWNER_ATTR, self)
-            self._wds[idx] = [self._group_decay(g) for g in optimizer.param_groups]
+            self._wds[idx] = [group_weight_decay(g, self.weight_decay) for g in optimizer.param_groups]
             if self.schedule.cycles_momentum and not any(
                 k in optimizer.param_groups[0] for k in ("betas", "momentum")
             ):
@@ -248,7 +220,7 @@ class OneCycleWD(Callback):
         # parameter groups added after the start (e.g. by a BaseFinetuning callback) take their lr as peak
         cycles, wds = self._cycles[idx], self._wds[idx]
         for group in optimizer.param_groups[len(wds):]:
-            wds.append(self._group_decay(group))
+            wds.append(group_weight_decay(group, self.weight_decay))
         for cycle in cycles:
             cycle["max_lrs"] += [float(g["lr"]) for g in optimizer.param_groups[len(cycle["max_lrs"]):]]
 
@@ -282,17 +254,14 @@ class OneCycleWD(Callback):
                         group["betas"] = (momentum, *tuple(group["betas"])[1:])
                     elif "momentum" in group:
                         group["momentum"] = momentum
-                if factor:
-                    params = [p for p in group["params"] if p.grad is not None]
-                    if params:
-                        torch._foreach_mul_(params, 1.0 - factor)
+                decay_group_(group, factor)
         return lrs, momentum, decay
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
-        optimizer = _unwrap(optimizer)
-        optimizers = [_unwrap(o) for o in trainer.optimizers]
+        optimizer = unwrap_optimizer(optimizer)
+        optimizers = [unwrap_optimizer(o) for o in trainer.optimizers]
         idx = next(i for i, o in enumerate(optimizers) if o is optimizer)
         lrs, momentum, decay = self.apply(
             optimizer,

@@ -236,8 +236,9 @@ def _require_decay_owner(optimizer: Optimizer, args: Any, kwargs: Any) -> None:
     if getattr(optimizer, DECAY_OWNER_ATTR, None) is None:
         raise RuntimeError(
             f"{type(optimizer).__name__} was built with wd_mode='decoupled', but nothing applies the decoupled weight "
-            "decay. Add the callback lightning_adamw.OneCycleWD (schedule=Constant() for decay without a schedule) "
-            "to the Trainer, or build the optimizer with wd_mode='l2'."
+            "decay. Add the callback lightning_adamw.OneCycleWD (1cycle schedule and decay) or "
+            "lightning_adamw.DecoupledDecay (decay only, with any lr scheduler) to the Trainer, or build the optimizer "
+            "with wd_mode='l2'."
         )
 
 

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 from _tiny import Recorder, TinyRegression, loader, make_net, oracle_loop, trainer
-from torch.optim.lr_scheduler import OneCycleLR
+from torch.optim.lr_scheduler import CosineAnnealingLR, OneCycleLR
 
-from lightning_adamw import Constant, OneCycle, OneCycle2018, OneCycleWD, OptimizerConfig
+from lightning_adamw import Constant, DecoupledDecay, OneCycle, OneCycle2018, OneCycleWD, OptimizerConfig
 
 EPOCHS, STEPS = 7, 56  # 64 samples / batch 8 = 8 steps per epoch
 
@@ -148,3 +148,20 @@ def test_callback_sets_lr_and_momentum_of_torch_onecycle(optimizer: str) -> None
         assert recorder.momenta[step][0] == pytest.approx(want_mom, rel=1e-12)
         ref_opt.step()
         ref.step()
+
+
+def test_decoupled_decay_alone_with_a_module_scheduler_equals_adamw() -> None:
+    """DecoupledDecay: the decay without OneCycleWD, composed with the module's own CosineAnnealingLR."""
+    lr, wd = 3e-3, 0.1
+
+    class WithCosine(TinyRegression):
+        def configure_optimizers(self):
+            opt = self.optimizer_factory.build(self.net)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": CosineAnnealingLR(opt, STEPS), "interval": "step"}}
+
+    model = WithCosine(OptimizerConfig("adamw", lr=lr, betas=(0.9, 0.99), weight_decay=wd))
+    trainer(max_epochs=EPOCHS, callbacks=[DecoupledDecay()]).fit(model, loader())
+    net = make_net()
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=wd)
+    oracle_loop(net, opt, CosineAnnealingLR(opt, STEPS), EPOCHS)
+    assert_same_weights(model, net)
