@@ -1,4 +1,4 @@
-"""``python -m lightning_adamw fit|validate|test|predict --config X.yaml``: LightningCLI with the plugin loaded.
+"""``python -m lightning_adamw fit|validate|test|predict|lr_find --config X.yaml``: LightningCLI with the plugin.
 
 Run from a checkout of the project, the zoo packages ``models`` and ``datamodules`` in the current directory are
 imported too, so configs can name their classes by short name (``class_path: WideResNet``).
@@ -12,13 +12,16 @@ import sys
 from collections.abc import Iterator
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from jsonargparse import Namespace
-from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.tuner import Tuner
 
 import lightning_adamw  # noqa: F401  (registers OneCycleWD, FreezeUnfreeze and the schedules for short names)
+from lightning_adamw.decay import DecoupledDecay
+from lightning_adamw.onecycle import OneCycleWD
 from lightning_adamw.registry import OptimizerConfig
 
 ZOO_PACKAGES = ("models", "datamodules")
@@ -58,8 +61,73 @@ def _optimizer_configs(node: Any, path: str = "") -> Iterator[tuple[str, Namespa
 _OPTIMIZER_FIELDS = {f.name for f in fields(OptimizerConfig)}
 
 
+class AdamWTrainer(Trainer):
+    """Lightning's Trainer plus the ``lr_find`` subcommand."""
+
+    def lr_find(
+        self,
+        model: LightningModule,
+        datamodule: LightningDataModule | None = None,
+        min_lr: float = 1e-7,
+        max_lr: float = 10.0,
+        num_training: int = 100,
+        mode: Literal["exponential", "linear"] = "exponential",
+        early_stop_threshold: float | None = 4.0,
+        plot_path: str | None = None,
+    ) -> float | None:
+        """Learning-rate range test (Lightning's Tuner.lr_find): print the suggestion, save the loss-vs-lr plot.
+
+        OneCycleWD stands aside during the test (the finder drives the lr); its decoupled weight decay still applies,
+        at the finder's lr, so the test sees the same regularisation as training.
+
+        Args:
+            min_lr: the smallest lr tried.
+            max_lr: the largest lr tried.
+            num_training: how many steps the test takes.
+            mode: how the lr grows: ``exponential`` or ``linear``.
+            early_stop_threshold: stop once the loss exceeds this multiple of the best loss (``None``: never).
+            plot_path: where the PNG goes (default ``<default_root_dir>/lr_find.png``).
+        """
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+        except ImportError:
+            raise ImportError("lr_find draws its plot with matplotlib: pip install 'lightning-adamw[zoo]'") from None
+        # Lightning's finder swaps every callback for its own, so the decay rides on the module's hook instead
+        weight_decay = next((c.weight_decay for c in self.callbacks if isinstance(c, OneCycleWD)), None)
+        decay = DecoupledDecay(weight_decay=weight_decay, log_values=False)
+        module_hook = model.on_before_optimizer_step
+
+        def decay_then_module_hook(optimizer: Any) -> None:
+            decay.on_before_optimizer_step(self, model, optimizer)
+            module_hook(optimizer)
+
+        model.on_before_optimizer_step = decay_then_module_hook  # type: ignore[method-assign]
+        try:
+            finder = Tuner(self).lr_find(
+                model, datamodule=datamodule, min_lr=min_lr, max_lr=max_lr, num_training=num_training, mode=mode,
+                early_stop_threshold=early_stop_threshold, update_attr=False,
+            )
+        finally:
+            del model.on_before_optimizer_step
+        if finder is None:
+            return None
+        suggestion = finder.suggestion()
+        path = Path(plot_path) if plot_path else Path(self.default_root_dir) / "lr_find.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        finder.plot(suggest=True).savefig(path)
+        shown = "none (the loss never fell: widen --min_lr/--max_lr)" if suggestion is None else f"{suggestion:.3g}"
+        print(f"lr_find: suggested lr {shown} (steepest loss descent); plot saved to {path}")
+        return suggestion
+
+
 class AdamWCLI(LightningCLI):
     """LightningCLI that checks optimizer choices before anything is built, for a short error instead of a trace."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {**LightningCLI.subcommands(), "lr_find": {"model", "datamodule"}}
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -76,6 +144,7 @@ def main(args: list[str] | None = None) -> LightningCLI:
     return AdamWCLI(
         LightningModule,
         LightningDataModule,
+        trainer_class=AdamWTrainer,
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},

@@ -92,6 +92,8 @@ class DecoupledDecay(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
         optimizer = unwrap_optimizer(optimizer)
+        if getattr(optimizer, DECAY_OWNER_ATTR, None) is None:
+            setattr(optimizer, DECAY_OWNER_ATTR, self)
         wds = self._wds.setdefault(id(optimizer), [])
         wds += [group_weight_decay(g, self.weight_decay) for g in optimizer.param_groups[len(wds):]]
         skip = amp_will_skip_step(trainer, optimizer)

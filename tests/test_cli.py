@@ -61,3 +61,15 @@ def test_import_zoo_finds_the_checkout_packages(tmp_path: Path) -> None:
     assert import_zoo(tmp_path) == []  # nothing outside a checkout
     imported = import_zoo(ROOT)
     assert all(name.split(".")[0] in ("models", "datamodules") for name in imported)
+
+
+def test_lr_find_prints_a_suggestion_and_saves_the_plot(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    plot = tmp_path / "lr.png"
+    main(["lr_find", "--model", "_tiny.TinyCLIModel", "--data", "_tiny.TinyData",
+          "--model.optimizer.name", "adamw", "--model.optimizer.weight_decay", "0.1",
+          "--trainer.callbacks", "OneCycleWD", "--trainer.max_epochs", "5", "--trainer.logger", "false",
+          "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path),
+          "--num_training", "30", "--min_lr", "1e-5", "--max_lr", "1", "--plot_path", str(plot)])
+    out = capsys.readouterr().out
+    assert "lr_find: suggested lr" in out and str(plot) in out
+    assert plot.stat().st_size > 1000 and plot.read_bytes()[:4] == b"\x89PNG"
