@@ -1,4 +1,4 @@
-"""``python -m lightning_adamw fit|validate|test|predict|lr_find --config X.yaml``: LightningCLI with the plugin.
+"""``python -m lightning_adamw fit|validate|test|predict|lr_find|compare``: LightningCLI with the plugin loaded.
 
 Run from a checkout of the project, the zoo packages ``models`` and ``datamodules`` in the current directory are
 imported too, so configs can name their classes by short name (``class_path: WideResNet``).
@@ -138,8 +138,16 @@ class AdamWCLI(LightningCLI):
                 self.parser.error(f"{key}: {err}")
 
 
-def main(args: list[str] | None = None) -> LightningCLI:
-    """Console entry point (``lightning-adamw`` and ``python -m lightning_adamw``)."""
+def main(args: list[str] | None = None) -> Any:
+    """Console entry point (``lightning-adamw`` and ``python -m lightning_adamw``).
+
+    ``compare`` runs the comparison runner (:mod:`lightning_adamw.compare`); everything else goes to LightningCLI.
+    """
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv[:1] == ["compare"]:
+        from lightning_adamw.compare import main as compare
+
+        return compare(argv[1:])
     import_zoo()
     return AdamWCLI(
         LightningModule,
@@ -148,6 +156,8 @@ def main(args: list[str] | None = None) -> LightningCLI:
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
+        parser_kwargs={"description": "Lightning with Adam done right. Also: `python -m lightning_adamw compare "
+                       "--help`, the optimizer x seed comparison runner."},
         # optimizers come from the model's OptimizerConfig and schedules from OneCycleWD, not from CLI-level keys
         auto_configure_optimizers=False,
         args=args,

@@ -149,6 +149,9 @@ class TinyData(pl.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         return loader(self.batch_size)
 
+    def test_dataloader(self) -> DataLoader:
+        return loader(self.batch_size)
+
 
 class ShardedData(TinyData):
     """Each rank takes every world_size-th sample, unshuffled (Lightning's own sampler would shuffle under DDP)."""
@@ -184,3 +187,18 @@ class ResumableLoader(DataLoader):
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self._skip = state["served"]
+
+
+class TinyEvalModel(TinyCLIModel):
+    """TinyCLIModel with a test step, for the comparison runner."""
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        self.log("test/loss", nn.functional.mse_loss(self(x), y))
+
+
+class TinyResumableData(TinyData):
+    """TinyData whose training loader resumes mid-epoch."""
+
+    def train_dataloader(self) -> DataLoader:
+        return ResumableLoader(regression_data(), batch_size=self.batch_size)
