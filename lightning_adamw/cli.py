@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from jsonargparse import Namespace
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.tuner import Tuner
 
 import lightning_adamw  # noqa: F401  (registers OneCycleWD, FreezeUnfreeze and the schedules for short names)
@@ -122,6 +122,30 @@ class AdamWTrainer(Trainer):
         return suggestion
 
 
+def flat_hparams(node: Any, prefix: str = "") -> dict[str, Any]:
+    """A parsed config as ``dotted.key -> number/str/bool`` (what TensorBoard's hparams tab can show)."""
+    if isinstance(node, Namespace):
+        node = vars(node)
+    if isinstance(node, dict):
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            if key.startswith("__"):
+                continue
+            out.update(flat_hparams(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    if node is None or isinstance(node, (bool, int, float, str)):
+        return {prefix: "null" if node is None else node}
+    return {prefix: str(node)}
+
+
+class LoggedConfigCallback(SaveConfigCallback):
+    """Saves the run's config beside the logs (Lightning's behaviour) and logs it as hyperparameters."""
+
+    def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        for logger in trainer.loggers:
+            logger.log_hyperparams(flat_hparams(self.config))
+
+
 class AdamWCLI(LightningCLI):
     """LightningCLI that checks optimizer choices before anything is built, for a short error instead of a trace."""
 
@@ -153,6 +177,7 @@ def main(args: list[str] | None = None) -> Any:
         LightningModule,
         LightningDataModule,
         trainer_class=AdamWTrainer,
+        save_config_callback=LoggedConfigCallback,
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},

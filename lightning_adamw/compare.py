@@ -258,8 +258,8 @@ def _schedule(scalars: dict[str, list[tuple[int, float]]]) -> dict[str, list[tup
 
 
 def default_variants_file(config: Path) -> Path:
-    """The ``variants_*.yaml`` beside ``config`` whose ``applies_to`` names it."""
-    for candidate in sorted(config.parent.glob("variants*.yaml")):
+    """The variants file beside ``config`` (``variants/*.yaml`` or ``variants*.yaml``) whose ``applies_to`` names it."""
+    for candidate in sorted(config.parent.glob("variants/*.yaml")) + sorted(config.parent.glob("variants*.yaml")):
         spec = yaml.safe_load(candidate.read_text()) or {}
         if config.name in spec.get("applies_to", []):
             return candidate
