@@ -11,6 +11,8 @@ the lr / momentum / weight-decay schedules actually applied.
 A variants file::
 
     applies_to: [cifar10.yaml, quickstart.yaml]          # configs it is the default for
+    metric: val/acc                                      # optional: default is the ModelCheckpoint's monitor
+    mode: max
     evaluate: {model: {init_args: {tta: true}}}          # overrides for the final evaluation (optional)
     variants:
       adamw: {}                                          # the config as it is
@@ -298,6 +300,7 @@ def main(argv: list[str]) -> dict[str, Any]:
     out = args.out or Path("runs") / "compare" / args.config.stem
     out.mkdir(parents=True, exist_ok=True)
     metric, mode = monitored(base)
+    metric, mode = spec.get("metric", metric), spec.get("mode", mode)
     plan = [(name, seed) for name in names for seed in range(args.seeds)]
     runs = []
     for index, (name, seed) in enumerate(plan, start=1):

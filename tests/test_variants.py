@@ -1,0 +1,41 @@
+"""Every variant of every variants file applies to the configs it names and parses through the real CLI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lightning_adamw.cli import main
+from lightning_adamw.compare import deep_merge, default_variants_file
+
+ROOT = Path(__file__).resolve().parents[1]
+FILES = sorted((ROOT / "configs" / "variants").glob("*.yaml"))
+CASES = [(f, name) for f in FILES for name in yaml.safe_load(f.read_text())["variants"]]
+
+
+def test_variants_files_exist_and_name_their_configs() -> None:
+    assert FILES
+    for path in FILES:
+        for config in yaml.safe_load(path.read_text())["applies_to"]:
+            assert (ROOT / "configs" / config).is_file(), f"{path.name} names missing {config}"
+            assert default_variants_file(ROOT / "configs" / config) == path
+
+
+@pytest.mark.parametrize("path, name", CASES, ids=[f"{f.stem}-{n}" for f, n in CASES])
+def test_variant_parses(path: Path, name: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    spec = yaml.safe_load(path.read_text())
+    config = ROOT / "configs" / spec["applies_to"][0]
+    merged = deep_merge(deep_merge(yaml.safe_load(config.read_text()), spec["variants"][name] or {}),
+                        spec.get("evaluate", {}))
+    target = tmp_path / "variant.yaml"
+    target.write_text(yaml.safe_dump(merged))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(target), "--print_config"])
+    assert exit_info.value.code in (0, None), capsys.readouterr().err[-2000:]
+    printed = yaml.safe_load(capsys.readouterr().out)
+    optimizer = printed["model"]["init_args"]["optimizer"]
+    wanted = ((spec["variants"][name] or {}).get("model", {}).get("init_args", {}).get("optimizer", {}))
+    for key, value in wanted.items():
+        assert optimizer[key] == value, (key, optimizer[key], value)
