@@ -149,8 +149,8 @@ def _subprocess(args: list[str], log: Path) -> int:
             assert process.stdout is not None
             for line in process.stdout:
                 out.write(line)
-                if line.startswith("[compare "):
-                    print(line.rstrip(), flush=True)
+                if "[compare " in line:  # a progress bar may share the line
+                    print(line[line.index("[compare "):].rstrip(), flush=True)
             return process.wait()
         finally:
             for signum, handler in previous.items():
