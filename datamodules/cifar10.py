@@ -1,0 +1,324 @@
+"""CIFAR-10 in torchvision's on-disk format, with the 2018 study's augmentation and a fast data path.
+
+Two loaders produce the same training distribution (reflect-pad 4, random 32x32 crop, horizontal flip, then the
+CIFAR-10 normalisation of RECIPES.md):
+
+* ``loader="device"`` (default): each split is one uint8 tensor moved once to the training device; batches are
+  slices of it and are normalised and augmented there, a whole batch at a time, in ``on_after_batch_transfer``
+  (how the speed-record CIFAR-10 trainers, e.g. airbench, keep the GPU fed).
+* ``loader="torchvision"``: the standard ``DataLoader`` with per-image PIL transforms in worker processes.
+
+Validation is the test set, as in the study, unless ``val_size`` holds images out of the training set.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import LightningDataModule
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torchvision.datasets import CIFAR10
+from torchvision.transforms import v2
+
+#: RECIPES.md, "Models": CIFAR-10 channel mean and standard deviation.
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+#: RECIPES.md: reflect-pad 4, then a random 32x32 crop.
+PAD = 4
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR10_FILES = ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch",
+                 "batches.meta")
+
+
+def reflect(index: Tensor, size: int) -> Tensor:
+    """Map indices in ``[-size + 1, 2 * size - 2]`` into ``[0, size)`` as reflect padding does (edge not repeated)."""
+    index = index.abs()
+    return torch.where(index >= size, 2 * (size - 1) - index, index)
+
+
+def crop_flip(images: Tensor, top: Tensor, left: Tensor, flip: Tensor, pad: int = PAD) -> Tensor:
+    """Crop every image of a reflect-padded batch at its own offset and mirror the width axis where ``flip``.
+
+    Args:
+        images: ``(N, C, H, W)`` batch of any dtype (uint8 before normalisation, or float).
+        top, left: ``(N,)`` integer offsets in ``[0, 2 * pad]`` into the padded images (``pad, pad`` is the centre).
+        flip: ``(N,)`` booleans; ``True`` reverses the last (width) axis of that image.
+        pad: reflect padding on each side (``pad < H, W``).
+
+    Returns the ``(N, C, H, W)`` crops. The padding is never materialised: each output pixel's source index is
+    computed (reflected at the borders, reversed where flipped) and read with one ``gather``.
+    """
+    n, c, h, w = images.shape
+    rows = reflect(top.view(n, 1) - pad + torch.arange(h, device=images.device), h)
+    cols = reflect(left.view(n, 1) - pad + torch.arange(w, device=images.device), w)
+    cols = torch.where(flip.view(n, 1), cols.flip(1), cols)
+    index = (rows.view(n, h, 1) * w + cols.view(n, 1, w)).view(n, 1, h * w).expand(n, c, h * w)
+    return images.reshape(n, c, h * w).gather(2, index).view(n, c, h, w)
+
+
+def random_crop_flip(images: Tensor, generator: torch.Generator, pad: int = PAD) -> Tensor:
+    """The training augmentation on a batch: a uniform offset in ``[0, 2 * pad]^2`` and a fair flip per image.
+
+    The random draws come from ``generator`` (a CPU generator) so results repeat whatever the device.
+    """
+    n = images.shape[0]
+    top, left = torch.randint(0, 2 * pad + 1, (2, n), generator=generator).to(images.device)
+    flip = (torch.rand(n, generator=generator) < 0.5).to(images.device)
+    return crop_flip(images, top, left, flip, pad)
+
+
+def normalize(images: Tensor) -> Tensor:
+    """uint8 ``(N, 3, H, W)`` images to float32 ``(x / 255 - mean) / std`` with the CIFAR-10 mean and std."""
+    std = torch.tensor(CIFAR10_STD, device=images.device).view(1, 3, 1, 1)
+    shift = torch.tensor(CIFAR10_MEAN, device=images.device).view(1, 3, 1, 1) / std
+    return images.float().mul_(1.0 / (255.0 * std)).sub_(shift)
+
+
+def train_transform() -> v2.Compose:
+    """The per-image PIL training transform of the torchvision path (the same augmentation as ``random_crop_flip``)."""
+    return v2.Compose([
+        v2.RandomCrop(32, padding=PAD, padding_mode="reflect"),
+        v2.RandomHorizontalFlip(),
+        *eval_transform().transforms,
+    ])
+
+
+def eval_transform() -> v2.Compose:
+    """PIL image to a normalised float tensor."""
+    return v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(CIFAR10_MEAN, CIFAR10_STD)])
+
+
+class DeviceBatches:
+    """Batches sliced out of tensors that already live on the training device: the fast path's loader.
+
+    The order comes from ``sampler`` (a ``DistributedSampler`` over the indices: this rank's shard, reshuffled each
+    epoch from its seed; Lightning calls ``sampler.set_epoch`` at every epoch, as for a ``DataLoader``, and reads
+    ``batch_sampler`` beside it, hence that attribute).
+
+    Args:
+        images: ``(N, 3, 32, 32)`` uint8 images.
+        labels: ``(N,)`` int64 labels on the same device.
+        batch_size: images per batch.
+        sampler: yields the indices of one epoch.
+        drop_last: drop the last, incomplete batch.
+    """
+
+    def __init__(self, images: Tensor, labels: Tensor, batch_size: int, sampler: DistributedSampler,
+                 drop_last: bool) -> None:
+        self.images = images
+        self.labels = labels
+        self.batch_size = batch_size
+        self.sampler = sampler
+        self.batch_sampler = None
+        self.drop_last = drop_last
+
+    def __len__(self) -> int:
+        n = len(self.sampler)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def __iter__(self) -> Any:
+        order = torch.tensor(list(self.sampler), dtype=torch.long, device=self.images.device)
+        for i in range(len(self)):
+            index = order[i * self.batch_size:(i + 1) * self.batch_size]
+            yield self.images[index], self.labels[index]
+
+
+class PILImages(Dataset):
+    """uint8 ``(N, 3, H, W)`` images as PIL images through ``transform``: what ``torchvision.datasets.CIFAR10`` does."""
+
+    def __init__(self, images: Tensor, labels: Tensor, transform: v2.Compose) -> None:
+        self.images = images.permute(0, 2, 3, 1).numpy()
+        self.labels = labels.tolist()
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        return self.transform(Image.fromarray(self.images[index])), self.labels[index]
+
+
+class CIFAR10DataModule(LightningDataModule):
+    """CIFAR-10 for the 2018 study's WRN-22 recipe (RECIPES.md, CIFAR-10 rows).
+
+    Args:
+        data_dir: the folder holding (or to receive) ``cifar-10-batches-py/``, torchvision's format.
+        download: download the archive into ``data_dir`` when it is absent (needs internet).
+        batch_size: images per batch and per device (recipe: 128).
+        loader: ``"device"``: each split held as one uint8 tensor on the training device and augmented there in
+            batches; ``"torchvision"``: a ``DataLoader`` with per-image PIL transforms (see the module docstring).
+        val_size: ``0`` validates on the 10,000 test images, as the study did; ``n > 0`` holds ``n`` random training
+            images out for validation instead.
+        train_subset: train on this many random training images (quick CPU runs); ``None``: all of them.
+        eval_subset: validate and test on the first this-many images of those splits; ``None``: all of them.
+        num_workers: worker processes of the torchvision loader (the device loader needs none).
+        seed: seed of the held-out split, the subset, the shuffling and the device path's augmentation.
+
+    Example::
+
+        python -m lightning_adamw fit --config configs/cifar10.yaml --data.init_args.data_dir /datasets/cifar10
+    """
+
+    classes = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+    num_classes = 10
+
+    def __init__(
+        self,
+        data_dir: str = "data/cifar10",
+        download: bool = True,
+        batch_size: int = 128,
+        loader: Literal["device", "torchvision"] = "device",
+        val_size: int = 0,
+        train_subset: int | None = None,
+        eval_subset: int | None = None,
+        num_workers: int = 2,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if loader not in ("device", "torchvision"):
+            raise ValueError(f"loader must be 'device' or 'torchvision', got {loader!r}.")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+        if not 0 <= val_size < 50_000:
+            raise ValueError(f"val_size must lie in [0, 50000) (0 validates on the test set), got {val_size}.")
+        for name, value in (("train_subset", train_subset), ("eval_subset", eval_subset)):
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be a positive number of images or None (all), got {value}.")
+        if train_subset is not None and train_subset > 50_000 - val_size:
+            raise ValueError(
+                f"train_subset={train_subset} exceeds the {50_000 - val_size} training images left after "
+                f"val_size={val_size}; lower it or set it to None."
+            )
+        self.save_hyperparameters()
+        self.data_dir = Path(data_dir)
+        self.download = download
+        self.batch_size = batch_size
+        self.loader = loader
+        self.val_size = val_size
+        self.train_subset = train_subset
+        self.eval_subset = eval_subset
+        self.num_workers = num_workers
+        self.seed = seed
+        self.splits: dict[str, tuple[Tensor, Tensor]] = {}
+        # made when training starts: a torch.Generator cannot be pickled into ddp_spawn's worker processes
+        self._augment_generator: torch.Generator | None = None
+
+    # ------------------------------------------------------------------ data on disk
+    @property
+    def folder(self) -> Path:
+        """``data_dir/cifar-10-batches-py``."""
+        return self.data_dir / "cifar-10-batches-py"
+
+    def _missing_message(self, reason: str) -> str:
+        return (
+            f"CIFAR-10 {reason} in {self.folder} (expected torchvision's format: "
+            f"{', '.join(CIFAR10_FILES)}). Run once with internet and data.init_args.download=true, or download "
+            f"{CIFAR10_URL} and extract it into {self.data_dir} (it unpacks to cifar-10-batches-py/), or set "
+            "data.init_args.data_dir to the folder that holds cifar-10-batches-py/."
+        )
+
+    def prepare_data(self) -> None:
+        """Download the archive into ``data_dir`` when files are missing and ``download`` is on (rank 0 only)."""
+        if not self.download or all((self.folder / name).is_file() for name in CIFAR10_FILES):
+            return
+        try:
+            CIFAR10(str(self.data_dir), train=True, download=True)
+        except OSError as err:
+            raise RuntimeError(self._missing_message(f"is missing and could not be downloaded ({err})")) from err
+
+    def _read(self, train: bool) -> tuple[Tensor, Tensor]:
+        try:
+            dataset = CIFAR10(str(self.data_dir), train=train, download=False)
+        except RuntimeError as err:  # torchvision: "Dataset not found or corrupted."
+            raise RuntimeError(self._missing_message("was not found or failed its md5 check")) from err
+        images = torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous()
+        return images, torch.tensor(dataset.targets, dtype=torch.long)
+
+    def _split_train(self, images: Tensor, labels: Tensor) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+        # the held-out images and the training subset come from one seeded permutation
+        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(self.seed))
+        held_out, train = order[:self.val_size], order[self.val_size:]
+        if self.train_subset is not None:
+            train = train[:self.train_subset]
+        return (images[train], labels[train]), (images[held_out], labels[held_out])
+
+    def setup(self, stage: str) -> None:
+        """Read the splits this stage needs as uint8 tensors (``fit``: train and validation)."""
+        if stage == "fit" and "train" not in self.splits:
+            self.splits["train"], held_out = self._split_train(*self._read(train=True))
+            if self.val_size:
+                self.splits["val"] = self._first(*held_out)
+        if stage in ("fit", "validate") and "val" not in self.splits:
+            val = self._split_train(*self._read(train=True))[1] if self.val_size else self._read(train=False)
+            self.splits["val"] = self._first(*val)
+        if stage == "test" and "test" not in self.splits:
+            self.splits["test"] = self._first(*self._read(train=False))
+
+    def _first(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        n = len(labels) if self.eval_subset is None else self.eval_subset
+        return images[:n], labels[:n]
+
+    # ------------------------------------------------------------------ loaders
+    def _rank(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (0, 1) if trainer is None else (trainer.global_rank, trainer.world_size)
+
+    def _loader(self, split: str, train: bool) -> DeviceBatches | DataLoader:
+        if split not in self.splits:
+            raise RuntimeError(f"CIFAR10DataModule: call setup() for the {split!r} split before its dataloader.")
+        images, labels = self.splits[split]
+        if self.loader == "torchvision":
+            dataset = PILImages(images, labels, train_transform() if train else eval_transform())
+            return DataLoader(dataset, batch_size=self.batch_size, shuffle=train, drop_last=train,
+                              num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+                              pin_memory=torch.cuda.is_available())
+        rank, world_size = self._rank()
+        if train:  # each rank draws its own crops and flips
+            self._augment_generator = torch.Generator().manual_seed(self.seed + rank)
+        device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+        # DistributedSampler with the rank and world size given needs no process group; for evaluation it pads the
+        # shard to equal length by repeating images, as Lightning does for a DataLoader.
+        sampler = DistributedSampler(range(len(labels)), num_replicas=world_size, rank=rank, shuffle=train,
+                                     seed=self.seed, drop_last=train)
+        return DeviceBatches(images.to(device), labels.to(device), self.batch_size, sampler, drop_last=train)
+
+    def train_dataloader(self) -> DeviceBatches | DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DeviceBatches | DataLoader:
+        return self._loader("val", train=False)
+
+    def test_dataloader(self) -> DeviceBatches | DataLoader:
+        return self._loader("test", train=False)
+
+    # ------------------------------------------------------------------ on the device
+    def batch_transform(self, images: Tensor, train: bool) -> Tensor:
+        """The device path's per-batch work: crop and flip for training (on the uint8 pixels), then normalise.
+
+        The crops and flips come from the generator seeded by ``train_dataloader`` (``seed + rank``), or seeded with
+        ``seed`` on first use when no training loader was made.
+        """
+        if not train:
+            return normalize(images)
+        if self._augment_generator is None:
+            self._augment_generator = torch.Generator().manual_seed(self.seed)
+        return normalize(random_crop_flip(images, self._augment_generator))
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if self.loader != "device":
+            return batch
+        images, labels = batch
+        return self.batch_transform(images, train=self.trainer.training), labels
+
+    def tta_augment(self, images: Tensor, generator: torch.Generator) -> Tensor:
+        """The training augmentation on a normalised evaluation batch (test-time augmentation, ImageClassifier).
+
+        Reflect padding, cropping and flipping commute with the per-channel normalisation, so this is the same
+        transform the training images get.
+        """
+        return random_crop_flip(images, generator)

@@ -1,0 +1,165 @@
+"""``ImageClassifier``: the LightningModule shared by the vision recipes (WRN-22 on CIFAR-10, ResNet-50 on Cars).
+
+Cross-entropy (optionally label-smoothed), top-1 accuracy from torchmetrics, the optimizer from the plugin's registry
+(the lr schedule and decoupled weight decay come from the ``OneCycleWD`` callback of the config), and test-time
+augmentation (TTA) on validation and test.
+
+TTA (RECIPES.md, "Models"): one clean pass plus ``tta_passes`` passes with the training augmentation, softmax
+probabilities averaged, model in eval mode. The augmentation comes from the datamodule, which knows its data: it
+provides ``tta_augment(images, generator) -> images``, the training augmentation applied on the device to a batch of
+normalised evaluation images (``CIFAR10DataModule``: reflect-pad crop and flip; ``StanfordCarsDataModule``: the
+"side-on" transforms). The augmented views are made from the batch itself, so predictions stay in the order of the
+labels, and the draws come from a generator reseeded at the start of every validation or test epoch, so TTA results
+repeat.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import Tensor, nn
+from torch.optim import Optimizer
+from torchmetrics.classification import MulticlassAccuracy
+
+from lightning_adamw import OptimizerConfig
+
+#: Seed of the TTA draws (plus the global rank), set at the start of every validation and test epoch.
+TTA_SEED = 0
+
+
+class ImageClassifier(LightningModule):
+    """Image classification with a network from the zoo.
+
+    The network exposes ``num_classes`` (its number of outputs) and ``layer_groups()`` (body groups first, head
+    last; ``FreezeUnfreeze`` uses them and the optimizer is built over all of them), as ``WideResNet`` and
+    ``CarsResNet50`` do.
+
+    Logs ``train/loss`` (with label smoothing), ``val/loss`` and ``test/loss`` (plain cross-entropy of the clean
+    pass), ``val/acc``, ``test/acc``, and with TTA ``val/acc_tta`` and ``test/acc_tta``.
+
+    Args:
+        net: the network, e.g. ``WideResNet`` or ``CarsResNet50`` (``class_path`` in a config).
+        optimizer: registry name and hyperparameters; ``None``: Adam, lr 1e-3, no weight decay.
+        label_smoothing: label smoothing of the training loss (0: none, as in the 2018 study).
+        tta: evaluate with test-time augmentation on validation and test (needs a datamodule with ``tta_augment``).
+        tta_passes: augmented passes besides the clean one (RECIPES.md: 4).
+
+    A checkpoint holds the network's weights but not its constructor arguments: resume through the CLI with the same
+    config, or ``ImageClassifier.load_from_checkpoint(path, net=WideResNet(...))``. The TTA switch is not saved with
+    it: ``test --config X.yaml --model.init_args.tta true --ckpt_path last.ckpt`` tests a run with TTA.
+
+    Example::
+
+        model = ImageClassifier(WideResNet(), OptimizerConfig("adamw", lr=3e-3, betas=(0.95, 0.99), weight_decay=0.1))
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        optimizer: OptimizerConfig | None = None,
+        label_smoothing: float = 0.0,
+        tta: bool = False,
+        tta_passes: int = 4,
+    ) -> None:
+        super().__init__()
+        num_classes = getattr(net, "num_classes", None)
+        if not isinstance(num_classes, int) or not callable(getattr(net, "layer_groups", None)):
+            raise TypeError(
+                f"ImageClassifier needs a network with `num_classes` (int) and `layer_groups()` (body first, head "
+                f"last), as models.wrn.WideResNet and models.resnet_cars.CarsResNet50 have; {type(net).__name__} lacks "
+                "them. Add both to your network class."
+            )
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must lie in [0, 1), got {label_smoothing}.")
+        if tta_passes < 1:
+            raise ValueError(f"tta_passes must be >= 1 (augmented passes besides the clean one), got {tta_passes}.")
+        # the network is saved in the state dict; TTA is chosen when evaluating, so that a checkpoint trained without
+        # it can be tested with it (LightningCLI lets a checkpoint's hyperparameters override the command line)
+        self.save_hyperparameters(ignore=["net", "tta", "tta_passes"])
+        self.net = net
+        self.optimizer = optimizer if optimizer is not None else OptimizerConfig("adam", lr=1e-3)
+        self.label_smoothing = label_smoothing
+        self.tta = tta
+        self.tta_passes = tta_passes
+        self.metrics = nn.ModuleDict({
+            f"{stage}_{name}": MulticlassAccuracy(num_classes, average="micro")
+            for stage in ("val", "test") for name in ("acc", "acc_tta")
+        })
+        # seeded at the start of every validation and test epoch (a torch.Generator cannot be pickled into ddp_spawn's
+        # worker processes, so none exists before)
+        self._tta_generator: torch.Generator | None = None
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.net(images)
+
+    def layer_groups(self) -> list[nn.Module]:
+        """The network's layer groups, body first and head last."""
+        return list(self.net.layer_groups())
+
+    def configure_optimizers(self) -> Optimizer:
+        # only the optimizer: the schedule and decoupled weight decay are the OneCycleWD callback's
+        return self.optimizer.build(self.layer_groups())
+
+    def setup(self, stage: str) -> None:
+        if self.tta and stage in ("fit", "validate", "test"):
+            self._tta_augment()
+
+    def _tta_augment(self) -> Callable[[Tensor, torch.Generator], Tensor]:
+        augment = getattr(self.trainer.datamodule, "tta_augment", None)
+        if not callable(augment):
+            raise MisconfigurationException(
+                f"ImageClassifier(tta=True) takes the training augmentation from the datamodule's "
+                f"tta_augment(images, generator), but the trainer's datamodule "
+                f"({type(self.trainer.datamodule).__name__}) has none. Use CIFAR10DataModule or "
+                "StanfordCarsDataModule (or add tta_augment to yours), pass the datamodule rather than bare "
+                "dataloaders, or set model.init_args.tta=false."
+            )
+        return augment
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        images, labels = batch
+        loss = F.cross_entropy(self(images), labels, label_smoothing=self.label_smoothing)
+        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
+        return loss
+
+    def tta_probabilities(self, images: Tensor, logits: Tensor) -> Tensor:
+        """Mean softmax of the clean pass (``logits``) and ``tta_passes`` passes over augmented ``images``."""
+        augment = self._tta_augment()
+        if self._tta_generator is None:
+            self._seed_tta()
+        probs = logits.float().softmax(dim=-1)
+        for _ in range(self.tta_passes):
+            probs = probs + self(augment(images, self._tta_generator)).float().softmax(dim=-1)
+        return probs / (self.tta_passes + 1)
+
+    def _evaluate(self, batch: tuple[Tensor, Tensor], stage: str) -> None:
+        images, labels = batch
+        logits = self(images)
+        self.log(f"{stage}/loss", F.cross_entropy(logits.float(), labels), on_epoch=True, sync_dist=True,
+                 batch_size=len(labels))
+        accuracy = self.metrics[f"{stage}_acc"]
+        accuracy.update(logits, labels)
+        self.log(f"{stage}/acc", accuracy, on_epoch=True, prog_bar=True)
+        if self.tta:
+            accuracy_tta = self.metrics[f"{stage}_acc_tta"]
+            accuracy_tta.update(self.tta_probabilities(images, logits), labels)
+            self.log(f"{stage}/acc_tta", accuracy_tta, on_epoch=True, prog_bar=True)
+
+    def _seed_tta(self) -> None:
+        self._tta_generator = torch.Generator().manual_seed(TTA_SEED + self.global_rank)
+
+    def on_validation_epoch_start(self) -> None:
+        self._seed_tta()
+
+    def on_test_epoch_start(self) -> None:
+        self._seed_tta()
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "test")

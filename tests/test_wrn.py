@@ -1,0 +1,64 @@
+"""WRN-22 as fastai's DAWNBench network: parameter count, output shape, pre-activation block with a 0.2 branch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lightning_adamw.cli import import_zoo
+
+import_zoo(Path(__file__).resolve().parents[1])  # the zoo runs from the checkout: put it on sys.path
+
+from models.wrn import PreActBlock, WideResNet  # noqa: E402
+
+
+def test_wrn22_has_fastai_parameter_count_and_output_shape() -> None:
+    net = WideResNet()
+    # fastai wrn_22(): 9,658,458 parameters (RECIPES.md: "about 9.66 M")
+    assert sum(p.numel() for p in net.parameters()) == 9_658_458
+    assert net(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+    widths = [m.conv2.out_channels for m in net.features if isinstance(m, PreActBlock)]
+    assert widths == [96] * 3 + [192] * 3 + [384] * 3
+    assert all(not m.bias for m in net.modules() if isinstance(m, torch.nn.Conv2d))
+
+
+def test_narrow_version_for_cpu_runs() -> None:
+    net = WideResNet(depth=10, width=1, num_classes=7)
+    blocks = [m for m in net.features if isinstance(m, PreActBlock)]
+    assert [b.conv2.out_channels for b in blocks] == [16, 32, 64]
+    assert net(torch.zeros(3, 3, 32, 32)).shape == (3, 7)
+    assert net.layer_groups() == [net]
+
+
+def test_block_is_preactivation_with_scaled_residual_branch() -> None:
+    torch.manual_seed(0)
+    block = PreActBlock(8, 16, stride=2).double().eval()
+    for bn in (block.bn1, block.bn2):  # non-trivial statistics so that BN matters
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+    x = torch.randn(2, 8, 8, 8, dtype=torch.float64)
+
+    def bn(m: torch.nn.BatchNorm2d, t: torch.Tensor) -> torch.Tensor:
+        return F.batch_norm(t, m.running_mean, m.running_var, m.weight, m.bias, training=False)
+
+    x2 = F.relu(bn(block.bn1, x))
+    shortcut = F.conv2d(x2, block.shortcut.weight, stride=2)
+    branch = F.conv2d(x2, block.conv1.weight, stride=2, padding=1)
+    branch = F.conv2d(F.relu(bn(block.bn2, branch)), block.conv2.weight, padding=1)
+    torch.testing.assert_close(block(x), shortcut + 0.2 * branch)
+
+
+def test_identity_shortcut_when_shape_is_kept() -> None:
+    block = PreActBlock(8, 8, stride=1, residual_scale=0.0).eval()
+    assert block.shortcut is None
+    x = torch.randn(2, 8, 4, 4)
+    torch.testing.assert_close(block(x), x)  # branch scaled to zero: the raw input passes (not relu(bn(x)))
+
+
+@pytest.mark.parametrize("depth", [9, 12, 4])
+def test_depth_must_be_6n_plus_4(depth: int) -> None:
+    with pytest.raises(ValueError, match=r"6 \* n \+ 4"):
+        WideResNet(depth=depth)
