@@ -210,6 +210,7 @@ def plot(runs: list[dict[str, Any]], metric: str, out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     variants = list(dict.fromkeys(r["variant"] for r in runs))
+    colors = {v: f"C{i}" for i, v in enumerate(variants)}  # one colour per variant in every panel
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for variant in variants:
         histories = [r["history"] for r in runs if r["variant"] == variant and r["history"]]
@@ -218,8 +219,10 @@ def plot(runs: list[dict[str, Any]], metric: str, out: Path) -> list[Path]:
         length = min(len(h) for h in histories)
         epochs = list(range(1, length + 1))
         columns = [[h[i] for h in histories] for i in range(length)]
-        ax.plot(epochs, [statistics.mean(c) for c in columns], label=f"{variant} (n={len(histories)})")
-        ax.fill_between(epochs, [min(c) for c in columns], [max(c) for c in columns], alpha=0.2)
+        ax.plot(epochs, [statistics.mean(c) for c in columns], label=f"{variant} (n={len(histories)})",
+                color=colors[variant])
+        ax.fill_between(epochs, [min(c) for c in columns], [max(c) for c in columns], alpha=0.2,
+                        color=colors[variant])
     ax.set_xlabel("epoch")
     ax.set_ylabel(metric)
     ax.set_title(f"{metric}: mean over seeds, band = min..max")
@@ -236,11 +239,13 @@ def plot(runs: list[dict[str, Any]], metric: str, out: Path) -> list[Path]:
         for ax, key in zip(axes, ("lr", "momentum", "wd")):
             series = (first or {}).get("schedule", {}).get(key, [])
             if series:
-                ax.plot([s for s, _ in series], [v for _, v in series], label=variant)
+                ax.plot([s for s, _ in series], [v for _, v in series], label=variant, color=colors[variant])
     for ax, key in zip(axes, ("learning rate", "momentum / beta1", "decoupled decay applied (lr_t * wd)")):
         ax.set_ylabel(key)
         ax.grid(alpha=0.3)
-    axes[0].legend()
+        if ax.lines:
+            ax.legend(fontsize=8)
+    axes[0].set_yscale("log")  # SGD's and Adam's lrs differ by orders of magnitude
     axes[-1].set_xlabel("optimizer step")
     axes[0].set_title("schedules actually applied (first seed of each variant, parameter group 0)")
     schedules = out / "schedules.png"
