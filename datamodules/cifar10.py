@@ -108,7 +108,7 @@ class DeviceBatches:
         drop_last: drop the last, incomplete batch.
     """
 
-    def __init__(self, images: Tensor, labels: Tensor, batch_size: int, sampler: DistributedSampler,
+    def __init__(self, images: Tensor, labels: Tensor, batch_size: int, sampler: DistributedSampler | range,
                  drop_last: bool) -> None:
         self.images = images
         self.labels = labels
@@ -281,10 +281,11 @@ class CIFAR10DataModule(LightningDataModule):
         if train:  # each rank draws its own crops and flips
             self._augment_generator = torch.Generator().manual_seed(self.seed + rank)
         device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
-        # DistributedSampler with the rank and world size given needs no process group; for evaluation it pads the
-        # shard to equal length by repeating images, as Lightning does for a DataLoader.
-        sampler = DistributedSampler(range(len(labels)), num_replicas=world_size, rank=rank, shuffle=train,
-                                     seed=self.seed, drop_last=train)
+        # training: DistributedSampler (given rank and world size, it needs no process group) shuffles per epoch;
+        # evaluation: every world_size-th image, unpadded, so that each image is counted exactly once across ranks
+        sampler = (DistributedSampler(range(len(labels)), num_replicas=world_size, rank=rank, shuffle=True,
+                                      seed=self.seed, drop_last=True)
+                   if train else range(rank, len(labels), world_size))
         return DeviceBatches(images.to(device), labels.to(device), self.batch_size, sampler, drop_last=train)
 
     def train_dataloader(self) -> DeviceBatches | DataLoader:

@@ -23,6 +23,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 from torch.optim import Optimizer
+from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_adamw import OptimizerConfig
@@ -89,6 +90,9 @@ class ImageClassifier(LightningModule):
             f"{stage}_{name}": MulticlassAccuracy(num_classes, average="micro")
             for stage in ("val", "test") for name in ("acc", "acc_tta")
         })
+        # a torchmetrics mean weighted by batch size: under DDP with shards of unequal length (every image counted
+        # once) it stays exact, where self.log(sync_dist=True) divides by the wrong count
+        self.metrics.update({f"{stage}_loss": MeanMetric() for stage in ("val", "test")})
         # seeded at the start of every validation and test epoch (a torch.Generator cannot be pickled into ddp_spawn's
         # worker processes, so none exists before)
         self._tta_generator: torch.Generator | None = None
@@ -139,8 +143,9 @@ class ImageClassifier(LightningModule):
     def _evaluate(self, batch: tuple[Tensor, Tensor], stage: str) -> None:
         images, labels = batch
         logits = self(images)
-        self.log(f"{stage}/loss", F.cross_entropy(logits.float(), labels), on_epoch=True, sync_dist=True,
-                 batch_size=len(labels))
+        loss = self.metrics[f"{stage}_loss"]
+        loss.update(F.cross_entropy(logits.float(), labels), weight=len(labels))
+        self.log(f"{stage}/loss", loss, on_epoch=True)
         accuracy = self.metrics[f"{stage}_acc"]
         accuracy.update(logits, labels)
         self.log(f"{stage}/acc", accuracy, on_epoch=True, prog_bar=True)

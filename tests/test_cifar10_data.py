@@ -192,7 +192,7 @@ def test_ddp_ranks_see_disjoint_shards_reshuffled_each_epoch(cifar: CIFAR10DataM
         shards.append(set(order))
     assert not (shards[0] & shards[1] or shards[0] & shards[2] or shards[1] & shards[2])
     assert sum(len(s) for s in shards) == n - n % 3
-    # evaluation: unshuffled; the last shard is padded (as Lightning's DistributedSampler does) to equal length
+    # evaluation: unshuffled and unpadded (every world_size-th image), so each image is counted exactly once
     cifar.trainer = fake_trainer(training=False, rank=2, world_size=3)
     assert list(cifar.val_dataloader().sampler)[:3] == [2, 5, 8]
 
