@@ -53,7 +53,6 @@ class OptimizerEntry:
         native_weight_decay: what the factory's own ``weight_decay`` argument does: ``"l2"`` (torch's Adam, SGD,
             RMSprop), ``"decoupled"`` (optimizers that decay the weights themselves) or ``"none"`` (no such argument).
         fixed_wd_mode: the name implies a mode (``adamw``, ``sgdw``) and the other mode is an error.
-        momentum_key: the group key that holds momentum: ``"betas"`` (first entry), ``"momentum"`` or ``None``.
         description: one line for ``available_optimizers`` listings.
     """
 
@@ -63,7 +62,6 @@ class OptimizerEntry:
     default_wd_mode: WdMode = "l2"
     native_weight_decay: Literal["l2", "decoupled", "none"] = "l2"
     fixed_wd_mode: bool = False
-    momentum_key: Literal["betas", "momentum"] | None = None
     description: str = ""
 
     def accepted_kwargs(self) -> set[str] | None:
@@ -85,7 +83,6 @@ def register_optimizer(
     default_wd_mode: WdMode = "l2",
     native_weight_decay: Literal["l2", "decoupled", "none"] = "l2",
     fixed_wd_mode: bool = False,
-    momentum_key: Literal["betas", "momentum"] | None = None,
     description: str = "",
     overwrite: bool = False,
 ) -> OptimizerEntry:
@@ -93,7 +90,7 @@ def register_optimizer(
 
     Example::
 
-        register_optimizer("nadam", torch.optim.NAdam, momentum_key="betas", description="Adam with Nesterov")
+        register_optimizer("nadam", torch.optim.NAdam, description="Adam with Nesterov")
 
     Raises:
         ValueError: ``name`` is taken (pass ``overwrite=True`` to replace it) or is not a lowercase identifier.
@@ -111,7 +108,6 @@ def register_optimizer(
         default_wd_mode=default_wd_mode,
         native_weight_decay=native_weight_decay,
         fixed_wd_mode=fixed_wd_mode,
-        momentum_key=momentum_key,
         description=description,
     )
     _REGISTRY[name] = entry
@@ -336,13 +332,13 @@ class OptimizerConfig:
         )
 
 
-register_optimizer("sgd", torch.optim.SGD, defaults={"momentum": 0.9}, momentum_key="momentum",
+register_optimizer("sgd", torch.optim.SGD, defaults={"momentum": 0.9},
                    description="SGD with momentum 0.9 (L2 weight decay by default)")
-register_optimizer("sgdw", torch.optim.SGD, defaults={"momentum": 0.9}, momentum_key="momentum",
+register_optimizer("sgdw", torch.optim.SGD, defaults={"momentum": 0.9},
                    default_wd_mode="decoupled", fixed_wd_mode=True, description="SGD with decoupled weight decay")
-register_optimizer("adam", torch.optim.Adam, momentum_key="betas", description="Adam (L2 weight decay by default)")
-register_optimizer("adamw", torch.optim.Adam, momentum_key="betas", default_wd_mode="decoupled",
+register_optimizer("adam", torch.optim.Adam, description="Adam (L2 weight decay by default)")
+register_optimizer("adamw", torch.optim.Adam, default_wd_mode="decoupled",
                    fixed_wd_mode=True, description="Adam with decoupled weight decay (AdamW)")
-register_optimizer("amsgrad", torch.optim.Adam, defaults={"amsgrad": True}, momentum_key="betas",
+register_optimizer("amsgrad", torch.optim.Adam, defaults={"amsgrad": True},
                    description="AMSGrad (Adam with v_max); wd_mode selects L2 or decoupled")
-register_optimizer("rmsprop", torch.optim.RMSprop, momentum_key="momentum", description="RMSprop")
+register_optimizer("rmsprop", torch.optim.RMSprop, description="RMSprop")

@@ -87,7 +87,7 @@ def test_betas_eps_and_unknown_kwargs() -> None:
 
 def test_user_registration_in_one_call() -> None:
     try:
-        register_optimizer("nadam_test", torch.optim.NAdam, momentum_key="betas", description="NAdam")
+        register_optimizer("nadam_test", torch.optim.NAdam, description="NAdam")
         assert "nadam_test" in available_optimizers()
         opt = OptimizerConfig("nadam_test", lr=2e-3, weight_decay=1e-4).build(mlp())
         assert isinstance(opt, torch.optim.NAdam) and opt.param_groups[0]["weight_decay"] == 1e-4
