@@ -178,6 +178,12 @@ class OneCycleWD(Callback):
         """
         self._total = int(total_steps)
         for idx, optimizer in enumerate(optimizers):
+            if callable(getattr(optimizer, "train", None)) and callable(getattr(optimizer, "eval", None)):
+                raise MisconfigurationException(
+                    f"{type(optimizer).__name__} is schedule-free (it has train()/eval() weights): it needs no "
+                    "decaying lr schedule and applies its own weight decay. Remove OneCycleWD; use the optimizer's "
+                    "warmup_steps for a warm-up."
+                )
             setattr(optimizer, DECAY_OWNER_ATTR, self)
             self._wds[idx] = [group_weight_decay(g, self.weight_decay) for g in optimizer.param_groups]
             if self.schedule.cycles_momentum and not any(

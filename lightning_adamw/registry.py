@@ -22,6 +22,7 @@ Example::
 from __future__ import annotations
 
 import difflib
+import importlib
 import inspect
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -41,6 +42,33 @@ LAYER_GROUP_KEY = "layer_group"
 DECAY_OWNER_ATTR = "_lightning_adamw_decay_owner"
 
 
+class OptionalFactory:
+    """An optimizer class from a package that is an optional extra: imported on first use, with a clear error.
+
+    Args:
+        module: the module that holds the class (``pytorch_optimizer``).
+        name: the class name (``Lion``).
+        package: the PyPI package to install (``pytorch-optimizer``).
+        extra: this project's extra that installs it (``optim``).
+    """
+
+    def __init__(self, module: str, name: str, package: str, extra: str) -> None:
+        self.module, self.name, self.package, self.extra = module, name, package, extra
+
+    def resolve(self) -> Callable[..., Optimizer]:
+        """The optimizer class; ``ImportError`` naming the extra when the package is missing."""
+        try:
+            return getattr(importlib.import_module(self.module), self.name)
+        except ImportError:
+            raise ImportError(
+                f"{self.module}.{self.name} needs the package {self.package!r}: pip install "
+                f"'lightning-adamw[{self.extra}]' (or pip install {self.package})."
+            ) from None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Optimizer:
+        return self.resolve()(*args, **kwargs)
+
+
 @dataclass(frozen=True)
 class OptimizerEntry:
     """One registry entry.
@@ -53,6 +81,9 @@ class OptimizerEntry:
         native_weight_decay: what the factory's own ``weight_decay`` argument does: ``"l2"`` (torch's Adam, SGD,
             RMSprop), ``"decoupled"`` (optimizers that decay the weights themselves) or ``"none"`` (no such argument).
         fixed_wd_mode: the name implies a mode (``adamw``, ``sgdw``) and the other mode is an error.
+        owns_decoupled_decay: in decoupled mode the optimizer applies the decay itself (its ``weight_decay`` gets the
+            value) instead of OneCycleWD; for optimizers whose decay is not ``w <- w - lr * wd * w`` on the stored
+            weights (schedule-free methods decay their interpolated point).
         description: one line for ``available_optimizers`` listings.
     """
 
@@ -62,11 +93,13 @@ class OptimizerEntry:
     default_wd_mode: WdMode = "l2"
     native_weight_decay: Literal["l2", "decoupled", "none"] = "l2"
     fixed_wd_mode: bool = False
+    owns_decoupled_decay: bool = False
     description: str = ""
 
     def accepted_kwargs(self) -> set[str] | None:
         """Keyword arguments the factory accepts, or ``None`` when it takes ``**kwargs``."""
-        params = inspect.signature(self.factory).parameters.values()
+        factory = self.factory.resolve() if isinstance(self.factory, OptionalFactory) else self.factory
+        params = inspect.signature(factory).parameters.values()
         if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
             return None
         return {p.name for p in params}
@@ -83,6 +116,7 @@ def register_optimizer(
     default_wd_mode: WdMode = "l2",
     native_weight_decay: Literal["l2", "decoupled", "none"] = "l2",
     fixed_wd_mode: bool = False,
+    owns_decoupled_decay: bool = False,
     description: str = "",
     overwrite: bool = False,
 ) -> OptimizerEntry:
@@ -108,6 +142,7 @@ def register_optimizer(
         default_wd_mode=default_wd_mode,
         native_weight_decay=native_weight_decay,
         fixed_wd_mode=fixed_wd_mode,
+        owns_decoupled_decay=owns_decoupled_decay,
         description=description,
     )
     _REGISTRY[name] = entry
@@ -257,6 +292,10 @@ def build_optimizer(
     mode = resolve_wd_mode(entry, wd_mode)
     groups = param_groups(params, lr=lr, weight_decay=weight_decay, wd_mode=mode,
                           exclude_bias_and_norm=exclude_bias_and_norm)
+    owned_by_optimizer = mode == "decoupled" and entry.owns_decoupled_decay
+    if owned_by_optimizer:  # the optimizer's own weight_decay is the decoupled decay: hand it over
+        for group in groups:
+            group["weight_decay"], group[DECOUPLED_WD_KEY] = group[DECOUPLED_WD_KEY], 0.0
     options = {**entry.defaults, **kwargs}
     accepted = entry.accepted_kwargs()
     if accepted is not None:
@@ -265,9 +304,9 @@ def build_optimizer(
             valid = sorted(accepted - {"self", "params", "lr", "weight_decay"})
             raise ValueError(f"Optimizer {name!r} does not take {unknown}; it takes {valid}.")
     if entry.native_weight_decay != "none":
-        options["weight_decay"] = 0.0  # per group above: L2 value in l2 mode, 0 in decoupled mode
+        options["weight_decay"] = 0.0  # set per group above
     optimizer = entry.factory(groups, lr=groups[0]["lr"], **options)
-    if mode == "decoupled" and weight_decay > 0:
+    if mode == "decoupled" and weight_decay > 0 and not owned_by_optimizer:
         optimizer.register_step_post_hook(_require_decay_owner)
     return optimizer
 
@@ -305,6 +344,11 @@ class OptimizerConfig:
     def __post_init__(self) -> None:
         entry = get_optimizer_entry(self.name)
         resolve_wd_mode(entry, self.wd_mode)
+        if isinstance(entry.factory, OptionalFactory):
+            try:
+                entry.factory.resolve()
+            except ImportError as err:
+                raise ValueError(f"Optimizer {self.name!r}: {err}") from None
         lrs = [self.lr] if isinstance(self.lr, (int, float)) else list(self.lr)
         if not lrs or any(x <= 0 for x in lrs):
             raise ValueError(f"lr must be positive (one value or one per layer group), got {self.lr}.")
@@ -342,3 +386,13 @@ register_optimizer("adamw", torch.optim.Adam, default_wd_mode="decoupled",
 register_optimizer("amsgrad", torch.optim.Adam, defaults={"amsgrad": True},
                    description="AMSGrad (Adam with v_max); wd_mode selects L2 or decoupled")
 register_optimizer("rmsprop", torch.optim.RMSprop, description="RMSprop")
+# Optional extras from pytorch-optimizer (one maintained package with a large catalogue, torch its only heavy need):
+# install with pip install 'lightning-adamw[optim]'. Lion's decay is AdamW's (w <- w - lr * wd * w), so OneCycleWD
+# can own it; schedule-free AdamW decays its interpolated point and keeps its own decay.
+register_optimizer("lion", OptionalFactory("pytorch_optimizer", "Lion", "pytorch-optimizer", "optim"),
+                   native_weight_decay="decoupled", default_wd_mode="decoupled",
+                   description="Lion (sign momentum), from pytorch-optimizer")
+register_optimizer("schedulefree_adamw",
+                   OptionalFactory("pytorch_optimizer", "ScheduleFreeAdamW", "pytorch-optimizer", "optim"),
+                   native_weight_decay="decoupled", default_wd_mode="decoupled", owns_decoupled_decay=True,
+                   description="Schedule-free AdamW (no decaying schedule; train/eval weights), from pytorch-optimizer")
