@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -22,14 +21,7 @@ import_zoo(Path(__file__).resolve().parents[1])  # the zoo runs from the checkou
 from datamodules.cifar10 import random_crop_flip  # noqa: E402
 from models.classifier import TTA_SEED, ImageClassifier  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """One intra-op thread: on a small shared CPU, OpenMP threads stall whenever another process holds a core."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # fixture in conftest.py
 
 
 class TinyConv(nn.Module):

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 from test_lm_configs import shared_data_args
 from test_vision_configs import cars_overrides, cifar_overrides
 
@@ -21,13 +19,9 @@ DDP = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.stra
 
 
 @pytest.fixture(autouse=True)
-def _one_thread(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """One intra-op thread per process (two processes share the two cores), and no pytest argv for the CLI."""
+def _cli_argv(monkeypatch: pytest.MonkeyPatch, one_thread: None) -> None:
+    """No pytest argv for the CLI; one intra-op thread per process (two processes share the two cores)."""
     monkeypatch.setattr(sys, "argv", ["lightning_adamw"])
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def overrides(name: str, shared_data: Path, tmp_path: Path) -> list[str]:

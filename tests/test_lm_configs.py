@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,15 +20,11 @@ CONFIGS = ["wikitext2_awd_lstm.yaml", "wikitext2_qrnn.yaml", "wikitext2_small.ya
 
 
 @pytest.fixture(autouse=True)
-def in_checkout(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+def in_checkout(monkeypatch: pytest.MonkeyPatch, one_thread: None) -> None:
     """The CLI imports the zoo from the current directory and reads only `args` (not pytest's command line); one
     thread (shared CPU cores, tiny networks)."""
     monkeypatch.chdir(ROOT)
     monkeypatch.setattr(sys, "argv", ["lightning_adamw"])
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def shared_data_args(shared_data: Path, tmp_path: Path) -> list[str]:
