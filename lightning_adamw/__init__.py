@@ -9,6 +9,7 @@ from lightning_adamw.decay import DecoupledDecay
 from lightning_adamw.divergence import DivergenceError, DivergenceGuard
 from lightning_adamw.finetuning import FreezeUnfreeze
 from lightning_adamw.interrupt import RunInterrupted, SaveOnInterrupt
+from lightning_adamw.muon import MuonAdamW, muon_split
 from lightning_adamw.onecycle import OneCycleWD
 from lightning_adamw.registry import (
     OptimizerConfig,
@@ -27,6 +28,7 @@ __all__ = [
     "DivergenceError",
     "DivergenceGuard",
     "FreezeUnfreeze",
+    "MuonAdamW",
     "OneCycle",
     "OneCycle2018",
     "OneCycleLM",
@@ -40,6 +42,7 @@ __all__ = [
     "available_optimizers",
     "build_optimizer",
     "get_optimizer_entry",
+    "muon_split",
     "param_groups",
     "register_optimizer",
 ]

@@ -32,6 +32,8 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from lightning_adamw.muon import MuonAdamW, muon_split
+
 WdMode = Literal["l2", "decoupled"]
 
 #: Parameter-group key holding the decoupled weight decay that OneCycleWD applies to the group.
@@ -84,6 +86,10 @@ class OptimizerEntry:
         owns_decoupled_decay: in decoupled mode the optimizer applies the decay itself (its ``weight_decay`` gets the
             value) instead of OneCycleWD; for optimizers whose decay is not ``w <- w - lr * wd * w`` on the stored
             weights (schedule-free methods decay their interpolated point).
+        split: for optimizers that run different methods on different parameters (``muon``): called as
+            ``split(modules, **split_options)`` with the module or its layer groups, it returns a function
+            ``(name, parameter) -> extra group keys``; parameters with different keys get separate groups.
+        split_options: the keyword arguments (from the config) that go to ``split`` instead of the optimizer.
         description: one line for ``available_optimizers`` listings.
     """
 
@@ -94,6 +100,8 @@ class OptimizerEntry:
     native_weight_decay: Literal["l2", "decoupled", "none"] = "l2"
     fixed_wd_mode: bool = False
     owns_decoupled_decay: bool = False
+    split: Callable[..., Callable[[str, torch.Tensor], Mapping[str, Any]]] | None = None
+    split_options: tuple[str, ...] = ()
     description: str = ""
 
     def accepted_kwargs(self) -> set[str] | None:
@@ -117,6 +125,8 @@ def register_optimizer(
     native_weight_decay: Literal["l2", "decoupled", "none"] = "l2",
     fixed_wd_mode: bool = False,
     owns_decoupled_decay: bool = False,
+    split: Callable[..., Callable[[str, torch.Tensor], Mapping[str, Any]]] | None = None,
+    split_options: Sequence[str] = (),
     description: str = "",
     overwrite: bool = False,
 ) -> OptimizerEntry:
@@ -143,6 +153,8 @@ def register_optimizer(
         native_weight_decay=native_weight_decay,
         fixed_wd_mode=fixed_wd_mode,
         owns_decoupled_decay=owns_decoupled_decay,
+        split=split,
+        split_options=tuple(split_options),
         description=description,
     )
     _REGISTRY[name] = entry
@@ -217,6 +229,7 @@ def param_groups(
     weight_decay: float = 0.0,
     wd_mode: WdMode = "l2",
     exclude_bias_and_norm: bool = False,
+    split: Callable[[str, torch.Tensor], Mapping[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """Parameter groups with per-layer-group learning rates and weight decay in the requested mode.
 
@@ -227,6 +240,8 @@ def param_groups(
         wd_mode: ``"l2"`` or ``"decoupled"``.
         exclude_bias_and_norm: no decay for biases and 1-d parameters (normalisation weights). The 2018 study
             decayed everything, hence the default ``False``.
+        split: ``(name, parameter) -> extra group keys`` (e.g. ``{"use_muon": True}``); parameters with different keys
+            go to separate groups, which carry the keys.
 
     Each group carries ``layer_group`` (its index) and ``decoupled_wd``. A parameter shared between
     layer groups (tied weights) belongs to the first group that holds it.
@@ -240,15 +255,16 @@ def param_groups(
     seen: set[int] = set()
     out: list[dict[str, Any]] = []
     for index, (named, group_lr) in enumerate(zip(groups, lrs)):
-        decay, no_decay = [], []
+        buckets: dict[tuple[bool, tuple[tuple[str, Any], ...]], list[torch.Tensor]] = {}
         for name, p in named:
             if id(p) in seen:
                 continue
             seen.add(id(p))
-            (no_decay if exclude_bias_and_norm and _is_no_decay(name, p) else decay).append(p)
-        for plist, wd in ((decay, weight_decay), (no_decay, 0.0)):
-            if not plist:
-                continue
+            extra = tuple(sorted(split(name, p).items())) if split is not None else ()
+            no_decay = exclude_bias_and_norm and _is_no_decay(name, p)
+            buckets.setdefault((no_decay, extra), []).append(p)
+        for (no_decay, extra), plist in sorted(buckets.items(), key=lambda item: item[0][0]):
+            wd = 0.0 if no_decay else weight_decay
             out.append(
                 {
                     "params": plist,
@@ -256,6 +272,7 @@ def param_groups(
                     "weight_decay": wd if wd_mode == "l2" else 0.0,
                     DECOUPLED_WD_KEY: wd if wd_mode == "decoupled" else 0.0,
                     LAYER_GROUP_KEY: index,
+                    **dict(extra),
                 }
             )
     if not out:
@@ -290,8 +307,23 @@ def build_optimizer(
     """
     entry = get_optimizer_entry(name)
     mode = resolve_wd_mode(entry, wd_mode)
+    split_kwargs = {k: kwargs.pop(k) for k in entry.split_options if k in kwargs}
+    split = None
+    if entry.split is not None:
+        modules = [params] if isinstance(params, nn.Module) else None
+        if modules is None:
+            params = list(params)
+            if params and all(isinstance(m, nn.Module) for m in params):
+                modules = params
+        if modules is not None:
+            split = entry.split(modules, **split_kwargs)
+        elif split_kwargs:
+            raise ValueError(
+                f"Optimizer {name!r}: {sorted(split_kwargs)} name parameters, so build it over a module or a list "
+                "of layer-group modules rather than bare tensors."
+            )
     groups = param_groups(params, lr=lr, weight_decay=weight_decay, wd_mode=mode,
-                          exclude_bias_and_norm=exclude_bias_and_norm)
+                          exclude_bias_and_norm=exclude_bias_and_norm, split=split)
     owned_by_optimizer = mode == "decoupled" and entry.owns_decoupled_decay
     if owned_by_optimizer:  # the optimizer's own weight_decay is the decoupled decay: hand it over
         for group in groups:
@@ -301,7 +333,7 @@ def build_optimizer(
     if accepted is not None:
         unknown = sorted(set(options) - accepted)
         if unknown:
-            valid = sorted(accepted - {"self", "params", "lr", "weight_decay"})
+            valid = sorted((accepted - {"self", "params", "lr", "weight_decay"}) | set(entry.split_options))
             raise ValueError(f"Optimizer {name!r} does not take {unknown}; it takes {valid}.")
     if entry.native_weight_decay != "none":
         options["weight_decay"] = 0.0  # set per group above
@@ -316,15 +348,17 @@ class OptimizerConfig:
     """An optimizer chosen by name, as it appears in a config file.
 
     Args:
-        name: a registry name (``sgd``, ``sgdw``, ``adam``, ``adamw``, ``amsgrad``, ``rmsprop``, or one you added).
+        name: a registry name (``sgd``, ``sgdw``, ``adam``, ``adamw``, ``amsgrad``, ``rmsprop``, ``muon``; ``lion``,
+            ``schedulefree_adamw`` with the ``optim`` extra; or one you added).
         lr: the (maximum) learning rate, or one per layer group for discriminative learning rates.
         weight_decay: weight decay (``wd`` in the study); see ``wd_mode``.
         wd_mode: ``"l2"`` or ``"decoupled"``; ``None`` takes the name's default (``adamw``/``sgdw``: decoupled).
         betas: Adam's ``(beta1, beta2)``; the 2018 recipes use beta2 = 0.99.
-        momentum: SGD/RMSprop momentum.
+        momentum: SGD/RMSprop/Muon momentum.
         eps: the optimizer's epsilon.
         exclude_bias_and_norm: no decay on biases and normalisation weights.
-        kwargs: any other optimizer argument (``nesterov``, ``alpha``, ...).
+        kwargs: any other optimizer argument (``nesterov``, ``alpha``, ...), and for ``muon`` the split overrides
+            ``muon_params`` / ``adamw_params`` (see :func:`lightning_adamw.muon.muon_split`).
 
     Example::
 
@@ -386,6 +420,12 @@ register_optimizer("adamw", torch.optim.Adam, default_wd_mode="decoupled",
 register_optimizer("amsgrad", torch.optim.Adam, defaults={"amsgrad": True},
                    description="AMSGrad (Adam with v_max); wd_mode selects L2 or decoupled")
 register_optimizer("rmsprop", torch.optim.RMSprop, description="RMSprop")
+# Muon (torch.optim.Muon) for hidden matrices and conv kernels, AdamW for embeddings, the output layer, biases and
+# norms: one optimizer, split by lightning_adamw.muon.muon_split. Both halves decay as w <- w - lr * wd * w, so
+# OneCycleWD can own the decay.
+register_optimizer("muon", MuonAdamW, native_weight_decay="decoupled", default_wd_mode="decoupled",
+                   split=muon_split, split_options=("muon_params", "adamw_params"),
+                   description="Muon for hidden matrices and conv kernels + AdamW for the rest (torch.optim.Muon)")
 # Optional extras from pytorch-optimizer (one maintained package with a large catalogue, torch its only heavy need):
 # install with pip install 'lightning-adamw[optim]'. Lion's decay is AdamW's (w <- w - lr * wd * w), so OneCycleWD
 # can own it; schedule-free AdamW decays its interpolated point and keeps its own decay.
