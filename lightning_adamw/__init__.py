@@ -20,6 +20,7 @@ from lightning_adamw.registry import (
     param_groups,
     register_optimizer,
 )
+from lightning_adamw.schedulefree import ScheduleFreeEval
 from lightning_adamw.schedules import Constant, OneCycle, OneCycle2018, OneCycleLM, Phase, Schedule
 
 __all__ = [
@@ -39,6 +40,7 @@ __all__ = [
     "RunInterrupted",
     "SaveOnInterrupt",
     "Schedule",
+    "ScheduleFreeEval",
     "available_optimizers",
     "build_optimizer",
     "get_optimizer_entry",

@@ -181,8 +181,9 @@ class OneCycleWD(Callback):
             if callable(getattr(optimizer, "train", None)) and callable(getattr(optimizer, "eval", None)):
                 raise MisconfigurationException(
                     f"{type(optimizer).__name__} is schedule-free (it has train()/eval() weights): it needs no "
-                    "decaying lr schedule and applies its own weight decay. Remove OneCycleWD; use the optimizer's "
-                    "warmup_steps for a warm-up."
+                    "decaying lr schedule and applies its own weight decay. Replace OneCycleWD with "
+                    "lightning_adamw.ScheduleFreeEval(warmup=0.05), which warms it up and evaluates and saves its "
+                    "averaged weights."
                 )
             setattr(optimizer, DECAY_OWNER_ATTR, self)
             self._wds[idx] = [group_weight_decay(g, self.weight_decay) for g in optimizer.param_groups]
