@@ -53,7 +53,7 @@ def test_schedulefree_adamw_keeps_its_own_decay_and_trains() -> None:
 
 def test_onecycle_refuses_a_schedule_free_optimizer() -> None:
     model = TinyRegression(OptimizerConfig("schedulefree_adamw", lr=1e-3))
-    with pytest.raises(MisconfigurationException, match="schedule-free.*Replace OneCycleWD with lightning_adamw.ScheduleFreeEval"):
+    with pytest.raises(MisconfigurationException, match="schedule-free.*Replace OneCycleWD with .*ScheduleFreeEval"):
         trainer(max_steps=2, callbacks=[OneCycleWD()]).fit(model, loader())
 
 
