@@ -216,3 +216,18 @@ def test_split_function_alone() -> None:
     assert use("0.weight", net[0].weight) == {USE_MUON_KEY: True}
     assert use("2.weight", net[2].weight) == {USE_MUON_KEY: False}
     assert use("0.bias", net[0].bias) == {USE_MUON_KEY: False}
+
+
+def test_decay_happens_once_whoever_owns_it() -> None:
+    # the optimizer's own decay and OneCycleWD's together are refused, whichever way round
+    own = TinyRegression(lambda params: MuonAdamW(params, lr=1e-3, weight_decay=0.1))
+    with pytest.raises(Exception, match="decay must happen once"):
+        trainer(max_steps=1, callbacks=[OneCycleWD(weight_decay=0.1)]).fit(own, loader())
+    # registry + decoupled mode: the groups hand their decay to the callback and the optimizer's own is zero
+    opt = OptimizerConfig("muon", weight_decay=0.1).build(make_net())
+    assert all(g["weight_decay"] == 0.0 and g["decoupled_wd"] == 0.1 for g in opt.param_groups)
+    net = make_net()
+    opt = OptimizerConfig("muon", weight_decay=0.1).build(net)
+    net(torch.ones(2, 8, dtype=torch.float64)).sum().backward()
+    with pytest.raises(RuntimeError, match="nothing applies the decoupled weight"):
+        opt.step()

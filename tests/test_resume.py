@@ -15,6 +15,9 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning_adamw import OneCycle2018, OneCycleWD, OptimizerConfig
 
 CONFIG = OptimizerConfig("adamw", lr=5e-3, betas=(0.95, 0.99), weight_decay=0.1)
+# every optimizer whose decay OneCycleWD owns resumes exactly: Muon's momentum buffers sit beside AdamW's moments
+CONFIGS = {"adamw": CONFIG, "muon": OptimizerConfig("muon", lr=5e-3, betas=(0.95, 0.99), weight_decay=0.1),
+           "lion": OptimizerConfig("lion", lr=1e-3, betas=(0.95, 0.99), weight_decay=0.3)}
 
 
 def logged(logger: CSVLogger, key: str) -> dict[int, float]:
@@ -22,21 +25,24 @@ def logged(logger: CSVLogger, key: str) -> dict[int, float]:
         return {int(r["step"]): float(r[key]) for r in csv.DictReader(f) if r.get(key)}
 
 
-def run(tmp_path: Path, name: str, epochs: int, ckpt_path: str | None = None, seed: int = 0):
+def run(tmp_path: Path, name: str, epochs: int, ckpt_path: str | None = None, seed: int = 0,
+        config: OptimizerConfig = CONFIG):
     recorder, logger = Recorder(), CSVLogger(tmp_path, name=name)
     checkpoints = ModelCheckpoint(dirpath=tmp_path / name / "ckpt", save_top_k=-1, every_n_epochs=1)
-    model = TinyRegression(CONFIG, seed=seed)
+    model = TinyRegression(config, seed=seed)
     tr = trainer(max_epochs=epochs, logger=logger, log_every_n_steps=1, enable_checkpointing=True,
                  callbacks=[OneCycleWD(OneCycle2018(pct=0.2)), recorder, checkpoints])
     tr.fit(model, loader(), ckpt_path=ckpt_path)
     return model, recorder, logger
 
 
-def test_resume_mid_cycle_follows_the_same_curve(tmp_path: Path) -> None:
-    full, full_rec, full_log = run(tmp_path, "full", epochs=6)
+@pytest.mark.parametrize("optimizer", sorted(CONFIGS))
+def test_resume_mid_cycle_follows_the_same_curve(tmp_path: Path, optimizer: str) -> None:
+    config = CONFIGS[optimizer]
+    full, full_rec, full_log = run(tmp_path, "full", epochs=6, config=config)
     ckpt = tmp_path / "full" / "ckpt" / "epoch=2-step=24.ckpt"
     # a different initialisation proves the weights come from the checkpoint
-    resumed, rec, log = run(tmp_path, "resumed", epochs=6, ckpt_path=str(ckpt), seed=123)
+    resumed, rec, log = run(tmp_path, "resumed", epochs=6, ckpt_path=str(ckpt), seed=123, config=config)
     assert rec.steps == list(range(24, 48))
     assert rec.lrs == full_rec.lrs[24:]
     assert rec.momenta == full_rec.momenta[24:]
