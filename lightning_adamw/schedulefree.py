@@ -40,6 +40,12 @@ def _set_train(optimizer: Optimizer, weights: list[torch.Tensor] | None) -> None
             p.copy_(w)
 
 
+def _step_lr(group: dict[str, Any]) -> float:
+    # the lr of the step just taken: schedule-free AdamW scales lr by step / warmup_steps while warming up
+    warmup, step = group.get("warmup_steps", 0), group.get("step", 0)
+    return float(group["lr"]) * (min(1.0, step / warmup) if warmup and step else 1.0)
+
+
 class ScheduleFreeEval(Callback):
     r"""Keeps a schedule-free optimizer's two sets of weights where they belong in a Lightning run.
 
@@ -61,6 +67,8 @@ class ScheduleFreeEval(Callback):
             optimizer warms its lr up, written into each group's ``warmup_steps`` at the start of training; ``None``
             keeps the optimizer's own ``warmup_steps``. Schedule-free methods need no decaying schedule, but do
             want a warm-up (Defazio et al. 2024 warm up over about 5% of the steps).
+        log_values: log the lr of each training step (``lr``, or ``lr/pg0``, ``lr/pg1``, ... with several groups),
+            warm-up included, as :class:`~lightning_adamw.OneCycleWD` does.
 
     It costs one copy of the parameters while evaluating, and checkpoints hold the weights twice (``x`` and ``y``).
     Under DDP every rank switches its own replica (they hold the same weights, so nothing is communicated) and only
@@ -76,11 +84,12 @@ class ScheduleFreeEval(Callback):
         # configure_optimizers: OptimizerConfig("schedulefree_adamw", lr=2.5e-3, weight_decay=0.05).build(self)
     """
 
-    def __init__(self, warmup: float | None = None) -> None:
+    def __init__(self, warmup: float | None = None, log_values: bool = True) -> None:
         super().__init__()
         if warmup is not None and not 0.0 <= warmup < 1.0:
             raise ValueError(f"warmup is a fraction of the run's optimizer steps in [0, 1), got {warmup}.")
         self.warmup = warmup
+        self.log_values = log_values
         self._optimizers: list[Optimizer] = []
         # exact training weights, one list per schedule-free optimizer: kept while the module holds x ...
         self._train_weights: list[list[torch.Tensor]] | None = None
@@ -182,6 +191,16 @@ class ScheduleFreeEval(Callback):
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._to_train(trainer)
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if not self.log_values or not self._optimizers:
+            return
+        groups = [g for o in self._optimizers for g in o.param_groups]
+        for i, group in enumerate(groups):
+            name = "lr" if len(groups) == 1 else f"lr/pg{i}"
+            pl_module.log(name, _step_lr(group), on_step=True, on_epoch=False)
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.state.fn != TrainerFn.FITTING:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import csv
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -11,6 +12,7 @@ import pytest
 import torch
 from _tiny import ShardedData, TinyData, TinyRegression, TinyResumableData, loader, trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
@@ -356,3 +358,15 @@ def test_warmup_fraction_equals_the_optimizers_own_warmup_steps() -> None:
     assert (flat(model.parameters()) - flat(no_warmup.parameters())).abs().max() > 1e-4
     with pytest.raises(ValueError, match=r"fraction of the run's optimizer steps"):
         ScheduleFreeEval(warmup=5)
+
+
+def test_the_lr_of_each_step_is_logged_warmup_included(tmp_path: Path) -> None:
+    logger = CSVLogger(tmp_path, name="sf")
+    tr = trainer(max_epochs=2, logger=logger, log_every_n_steps=1,
+                 callbacks=[ScheduleFreeEval(warmup=0.5)])  # 16 steps: warm-up over 8
+    tr.fit(TinyRegression(CONFIG), datamodule=TinyData())
+    logger.save()
+    with open(Path(logger.log_dir) / "metrics.csv") as f:
+        lrs = {int(r["step"]): float(r["lr"]) for r in csv.DictReader(f) if r.get("lr")}
+    # step k (0-based) is the optimizer's (k + 1)-th: lr * min(1, (k + 1) / 8), as pytorch-optimizer computes it
+    assert lrs == pytest.approx({k: 1e-2 * min(1.0, (k + 1) / 8) for k in range(16)})
