@@ -13,6 +13,7 @@ import yaml
 
 from lightning_adamw import OneCycleWD
 from lightning_adamw.cli import main
+from lightning_adamw.compare import deep_merge
 from lightning_adamw.registry import DECAY_OWNER_ATTR, DECOUPLED_WD_KEY
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,3 +120,18 @@ def test_fit_then_test_from_the_checkpoint_with_the_cache(shared_data: Path, tmp
     for name, value in test.model.state_dict().items():
         if name in fit_weights:
             torch.testing.assert_close(value, fit_weights[name])
+
+
+LM_VARIANTS = yaml.safe_load((ROOT / "configs" / "variants" / "wikitext2.yaml").read_text())
+
+
+@pytest.mark.parametrize("name", sorted(LM_VARIANTS["variants"]))
+def test_every_variant_trains_on_the_shared_data(name: str, shared_data: Path, tmp_path: Path) -> None:
+    """Each WikiText-2 variant, merged into the small config, runs a fast_dev_run with the optimizer it names."""
+    base = yaml.safe_load((ROOT / "configs" / "wikitext2_small.yaml").read_text())
+    target = tmp_path / "variant.yaml"
+    target.write_text(yaml.safe_dump(deep_merge(base, LM_VARIANTS["variants"][name] or {})))
+    cli = main(["fit", f"--config={target}", *shared_data_args(shared_data, tmp_path), "--trainer.fast_dev_run=1"])
+    wanted = (LM_VARIANTS["variants"][name] or {}).get("model", {}).get("init_args", {}).get("optimizer", {})
+    assert cli.model.optimizer.name == wanted.get("name", base["model"]["init_args"]["optimizer"]["name"])
+    assert cli.trainer.global_step == 1 and math.isfinite(cli.trainer.callback_metrics["val/ppl"])
