@@ -1,4 +1,4 @@
-"""The plugin's GPU checks, for a machine with CUDA: AdamW parity on the device, bf16 and fp16 mixed precision.
+"""The plugin's GPU checks, for a machine with CUDA: AdamW and Muon parity on the device, bf16 and fp16 mixed precision.
 
     python bench/gpu_checks.py
 
@@ -21,7 +21,7 @@ from torch.optim.lr_scheduler import OneCycleLR
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lightning_adamw import OneCycle, OneCycleWD, OptimizerConfig  # noqa: E402
+from lightning_adamw import MuonAdamW, OneCycle, OneCycleWD, OptimizerConfig  # noqa: E402
 
 STEPS, LR, WD = 60, 3e-3, 0.1
 
@@ -112,8 +112,39 @@ def fp16_skip() -> str:
             f"| {verdict} |")
 
 
+def muon_conv_parity(device: str = "cuda") -> str:
+    """MuonAdamW on a conv kernel (4-d) == torch.optim.Muon on the same kernel flattened to (out, in*kh*kw)."""
+    gen = torch.Generator().manual_seed(0)
+    kernel = nn.Parameter(torch.randn(64, 32, 3, 3, generator=gen).to(device))
+    matrix = nn.Parameter(kernel.detach().reshape(64, -1).clone())
+    ours = MuonAdamW([kernel], lr=0.02, weight_decay=0.1)
+    torch_muon = torch.optim.Muon([matrix], lr=0.02, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+    for _ in range(10):
+        grad = torch.randn(64, 32, 3, 3, generator=gen).to(device)
+        kernel.grad, matrix.grad = grad.clone(), grad.reshape(64, -1).clone()
+        ours.step()
+        torch_muon.step()
+    diff = (kernel.detach().reshape(64, -1) - matrix.detach()).abs().max().item()
+    return (f"| {device}: MuonAdamW conv kernel vs torch Muon on the flattened kernel, 10 steps "
+            f"| max abs diff {diff:.2e} |")
+
+
+class MuonClassifier(Classifier):
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return OptimizerConfig("muon", lr=LR, betas=(0.9, 0.99), weight_decay=WD).build(self.net)
+
+
+def muon_bf16_run() -> str:
+    model = MuonClassifier()
+    fit(model, "bf16-mixed")
+    finite = all(torch.isfinite(p).all() for p in model.parameters())
+    first, last = sum(model.losses[:10]) / 10, sum(model.losses[-10:]) / 10
+    return (f"| bf16-mixed CUDA, muon + OneCycleWD: loss first 10 steps {first:.3f} -> last 10 {last:.3f}, "
+            f"weights finite: {finite} | {'ok' if finite else 'FAILED'} |")
+
+
 if __name__ == "__main__":
     print(f"{torch.cuda.get_device_name()} torch {torch.__version__} lightning {pl.__version__}")
     print("| check | result |\n|---|---|")
-    for check in (adamw_parity, bf16_run, fp16_skip):
+    for check in (adamw_parity, bf16_run, fp16_skip, muon_conv_parity, muon_bf16_run):
         print(check(), flush=True)
