@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Any
 
 import lightning.pytorch as pl
@@ -11,6 +12,8 @@ from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelP
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.optim import Optimizer
 
 from lightning_adamw.decay import unwrap_optimizer
@@ -40,6 +43,54 @@ def _set_train(optimizer: Optimizer, weights: list[torch.Tensor] | None) -> None
             p.copy_(w)
 
 
+def _batch_norms(module: nn.Module) -> list[_BatchNorm]:
+    return [m for m in module.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+
+
+def _bn_buffers(module: nn.Module) -> list[torch.Tensor]:
+    return [b for m in _batch_norms(module) for b in (m.running_mean, m.running_var, m.num_batches_tracked)]
+
+
+@torch.no_grad()
+def _copy_into(targets: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+    for target, value in zip(targets, values):
+        target.copy_(value)
+
+
+@torch.no_grad()
+def update_bn(module: nn.Module, batches: Any, strategy: Any = None) -> None:
+    """Re-estimate ``module``'s BatchNorm running statistics from ``batches`` at its current weights.
+
+    The statistics are reset and averaged over the batches (``momentum=None``), with the module in training mode, as
+    ``torch.optim.swa_utils.update_bn`` does: ``module(batch[0])`` for a tuple or list batch, ``module(batch)``
+    otherwise. The module's train/eval modes and the BatchNorm momenta are restored afterwards, and the global RNG
+    is forked, so dropout in these passes leaves the run's random stream untouched. With a distributed ``strategy``
+    the statistics are pooled over the ranks (mean of the means and of the second moments).
+    """
+    norms = _batch_norms(module)
+    modes = [(m, m.training) for m in module.modules()]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    device = next(iter(module.parameters())).device
+    module.train()
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+        for batch in batches:
+            module(batch[0] if isinstance(batch, (list, tuple)) else batch)
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    for m, training in modes:
+        m.training = training
+    if strategy is not None and getattr(strategy, "world_size", 1) > 1:
+        for m in norms:
+            second = m.running_var + m.running_mean * m.running_mean
+            pooled = strategy.reduce(torch.cat([m.running_mean, second]), reduce_op="mean")
+            mean, second = pooled.split(len(m.running_mean))
+            m.running_mean.copy_(mean)
+            m.running_var.copy_(second - mean * mean)
+
+
 def _step_lr(group: dict[str, Any]) -> float:
     # the lr of the step just taken: schedule-free AdamW scales lr by step / warmup_steps while warming up
     warmup, step = group.get("warmup_steps", 0), group.get("step", 0)
@@ -57,39 +108,58 @@ class ScheduleFreeEval(Callback):
     1. trains with ``y``: at the start of training and of every epoch, and after each validation inside ``fit``
        (the sanity check included), the exact training weights are put back (kept aside, not recomputed),
     2. validates, tests and predicts with ``x``,
-    3. writes ``x`` into each checkpoint's ``state_dict`` (so ``trainer.test(ckpt_path=...)``,
+    3. with ``bn_batches``, re-estimates the BatchNorm statistics at ``x`` before each evaluation (and for each
+       checkpoint), from the last training batches, and puts the training statistics back for training,
+    4. writes ``x`` into each checkpoint's ``state_dict`` (so ``trainer.test(ckpt_path=...)``,
        ``load_from_checkpoint`` and exports get the averaged model) without disturbing the run, and keeps ``y`` in
        its own state, so ``trainer.fit(ckpt_path=...)`` continues exactly as an uninterrupted run,
-    4. leaves ``x`` in the module when ``fit`` ends.
+    5. leaves ``x`` in the module when ``fit`` ends.
 
     Args:
         warmup: the fraction of the run's optimizer steps (``trainer.estimated_stepping_batches``) over which the
             optimizer warms its lr up, written into each group's ``warmup_steps`` at the start of training; ``None``
             keeps the optimizer's own ``warmup_steps``. Schedule-free methods need no decaying schedule, but do
             want a warm-up (Defazio et al. 2024 warm up over about 5% of the steps).
+        bn_batches: how many of the most recent training batches to re-estimate BatchNorm statistics from at ``x``
+            (0: keep the training statistics, which belong to ``y``). The schedule-free authors ask for this in
+            BatchNorm networks; a few dozen batches suffice. The batches are kept as training saw them (after
+            augmentation and device transfer), costing their memory; the module's forward is called on
+            ``batch[0]`` (``torch.optim.swa_utils.update_bn``'s convention). Under DDP the statistics are pooled
+            over the ranks.
         log_values: log the lr of each training step (``lr``, or ``lr/pg0``, ``lr/pg1``, ... with several groups),
             warm-up included, as :class:`~lightning_adamw.OneCycleWD` does.
 
     It costs one copy of the parameters while evaluating, and checkpoints hold the weights twice (``x`` and ``y``).
     Under DDP every rank switches its own replica (they hold the same weights, so nothing is communicated) and only
-    the rank that writes the checkpoint computes ``x`` for it. Sharded strategies (FSDP, DeepSpeed) are refused.
-    BatchNorm statistics are not recomputed for ``x``. Weights-only checkpoints hold ``y``: Lightning does not call
-    callbacks when it saves weights only.
+    the rank that writes the checkpoint computes ``x`` for it (all ranks, when BatchNorm statistics are pooled).
+    Sharded strategies (FSDP, DeepSpeed) are refused. Weights-only checkpoints hold ``y``: Lightning does not call
+    callbacks when it saves weights only. With ``bn_batches``, a switch to ``x`` before any training batch keeps
+    the training BatchNorm statistics: quietly for sanity checks (their metrics are discarded), with a warning
+    otherwise.
 
     Example::
 
         from lightning_adamw import OptimizerConfig
         from lightning_adamw.schedulefree import ScheduleFreeEval
-        trainer = Trainer(max_epochs=30, callbacks=[ScheduleFreeEval(warmup=0.05)])
+        trainer = Trainer(max_epochs=30, callbacks=[ScheduleFreeEval(warmup=0.05, bn_batches=50)])
         # configure_optimizers: OptimizerConfig("schedulefree_adamw", lr=2.5e-3, weight_decay=0.05).build(self)
     """
 
-    def __init__(self, warmup: float | None = None, log_values: bool = True) -> None:
+    def __init__(self, warmup: float | None = None, bn_batches: int = 0, log_values: bool = True) -> None:
         super().__init__()
         if warmup is not None and not 0.0 <= warmup < 1.0:
             raise ValueError(f"warmup is a fraction of the run's optimizer steps in [0, 1), got {warmup}.")
+        if bn_batches < 0:
+            raise ValueError(f"bn_batches is a number of training batches (0: off), got {bn_batches}.")
         self.warmup = warmup
+        self.bn_batches = bn_batches
         self.log_values = log_values
+        self._recent: deque[Any] = deque(maxlen=bn_batches or None)
+        # the training BatchNorm statistics, kept aside while the module holds x's (or restored from a checkpoint)
+        self._train_bn: list[torch.Tensor] | None = None
+        self._restored_bn: list[torch.Tensor] | None = None
+        self._module: nn.Module | None = None
+        self._warned_no_batches = False
         self._optimizers: list[Optimizer] = []
         # exact training weights, one list per schedule-free optimizer: kept while the module holds x ...
         self._train_weights: list[list[torch.Tensor]] | None = None
@@ -115,6 +185,10 @@ class ScheduleFreeEval(Callback):
         for i, optimizer in enumerate(optimizers):
             _set_train(optimizer, None if weights is None else weights[i])
         self._train_weights = self._restored = None
+        statistics = self._restored_bn if self._restored_bn is not None else self._train_bn
+        if statistics is not None:
+            _copy_into(_bn_buffers(trainer.lightning_module), statistics)
+        self._train_bn = self._restored_bn = None
 
     def _to_eval(self, trainer: pl.Trainer) -> None:
         if self._restored is not None:
@@ -125,16 +199,48 @@ class ScheduleFreeEval(Callback):
         self._train_weights = [_clone(o) for o in optimizers]
         for optimizer in optimizers:
             optimizer.eval()
+        self._train_bn = self._reestimate_bn(trainer) if optimizers else None
 
-    def _eval_weights(self) -> dict[int, torch.Tensor]:
-        """``x`` of every parameter (by ``id``), computed on the side: the parameters keep ``y`` exactly."""
-        averaged: dict[int, torch.Tensor] = {}
+    def _reestimate_bn(self, trainer: pl.Trainer) -> list[torch.Tensor] | None:
+        """BatchNorm statistics for the weights now in the module; returns the ones they replace (``None``: kept)."""
+        module = trainer.lightning_module
+        if not self.bn_batches or not _batch_norms(module):
+            return None
+        if not self._recent:  # the sanity check of a fresh run has no batches yet, and its metrics are discarded
+            if not self._warned_no_batches and not trainer.sanity_checking:
+                self._warned_no_batches = True
+                rank_zero_warn(
+                    "ScheduleFreeEval(bn_batches=...) switches to the averaged weights before any training batch "
+                    "was seen (a resumed fit with nothing left to train?): they keep the training BatchNorm "
+                    "statistics. Evaluate after some training, or re-estimate with "
+                    "lightning_adamw.schedulefree.update_bn(module, batches)."
+                )
+            return None
+        previous = [b.clone() for b in _bn_buffers(module)]
+        update_bn(module, self._recent, trainer.strategy)
+        return previous
+
+    def _bn_collective(self, trainer: pl.Trainer) -> bool:
+        # pooling BatchNorm statistics over ranks is a collective: then every rank computes x for a checkpoint
+        return bool(self.bn_batches and self._recent and trainer.world_size > 1
+                    and _batch_norms(trainer.lightning_module))
+
+    def _eval_weights(self, trainer: pl.Trainer) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+        """``x`` of every parameter and, with ``bn_batches``, the BatchNorm statistics at ``x`` (by ``id``),
+        computed on the side: the module keeps ``y`` and its training statistics exactly."""
+        train_weights = [_clone(o) for o in self._optimizers]
         for optimizer in self._optimizers:
-            train_weights = _clone(optimizer)
             optimizer.eval()
-            averaged.update((id(p), p.detach().clone()) for p in _params(optimizer))
-            _set_train(optimizer, train_weights)
-        return averaged
+        averaged = {id(p): p.detach().clone() for o in self._optimizers for p in _params(o)}
+        statistics: dict[int, torch.Tensor] = {}
+        previous = self._reestimate_bn(trainer)
+        if previous is not None:
+            buffers = _bn_buffers(trainer.lightning_module)
+            statistics = {id(b): b.clone() for b in buffers}
+            _copy_into(buffers, previous)
+        for optimizer, weights in zip(self._optimizers, train_weights):
+            _set_train(optimizer, weights)
+        return averaged, statistics
 
     # ---------------------------------------------------------------- hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -144,6 +250,7 @@ class ScheduleFreeEval(Callback):
                 "shards them. Use strategy='ddp' (or a single device), or drop ScheduleFreeEval and call the "
                 "optimizer's train()/eval() yourself."
             )
+        self._module = pl_module
         # Strategy.save_checkpoint writes on global rank 0 only: the other ranks need not compute what it saves
         self._writes_checkpoints = trainer.is_global_zero or (
             type(trainer.strategy).save_checkpoint is not Strategy.save_checkpoint
@@ -195,6 +302,8 @@ class ScheduleFreeEval(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        if self.bn_batches:
+            self._recent.append(batch)
         if not self.log_values or not self._optimizers:
             return
         groups = [g for o in self._optimizers for g in o.param_groups]
@@ -204,7 +313,7 @@ class ScheduleFreeEval(Callback):
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.state.fn != TrainerFn.FITTING:
-            self._restored = None  # trainer.validate(ckpt_path=...): the module already holds the checkpoint's x
+            self._restored = self._restored_bn = None  # trainer.validate(ckpt_path=...): the module holds its x
         self._to_eval(trainer)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -212,11 +321,11 @@ class ScheduleFreeEval(Callback):
             self._to_train(trainer)
 
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._restored = None
+        self._restored = self._restored_bn = None
         self._to_eval(trainer)
 
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._restored = None
+        self._restored = self._restored_bn = None
         self._to_eval(trainer)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -227,25 +336,35 @@ class ScheduleFreeEval(Callback):
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        if self._train_weights is not None or not self._writes_checkpoints:
-            return  # the module holds x already (evaluating, or fit has ended), or this rank writes nothing
-        averaged = self._eval_weights()
+        if self._train_weights is not None:
+            return  # the module holds x already (evaluating, or fit has ended)
+        if not self._writes_checkpoints and not self._bn_collective(trainer):
+            return  # this rank writes nothing
+        averaged, statistics = self._eval_weights(trainer)
         state = checkpoint["state_dict"]
         for name, p in pl_module.named_parameters(remove_duplicate=False):
             if id(p) in averaged and name in state:
                 state[name] = averaged[id(p)]
+        for name, b in pl_module.named_buffers(remove_duplicate=False):
+            if id(b) in statistics and name in state:
+                state[name] = statistics[id(b)]
 
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        self._train_weights = None  # Lightning has just loaded the module weights: what was kept aside is stale
+        # Lightning has just loaded the module weights: what was kept aside is stale
+        self._train_weights = self._train_bn = None
 
     def state_dict(self) -> dict[str, Any]:
         if not self._writes_checkpoints or not self._optimizers:
             return {}
-        if self._train_weights is not None:
-            return {"train_weights": self._train_weights}
-        return {"train_weights": [_clone(o) for o in self._optimizers]}
+        weights = self._train_weights if self._train_weights is not None else [_clone(o) for o in self._optimizers]
+        state: dict[str, Any] = {"train_weights": weights}
+        if self.bn_batches and self._module is not None and _batch_norms(self._module):
+            state["train_bn"] = (self._train_bn if self._train_bn is not None
+                                 else [b.clone() for b in _bn_buffers(self._module)])
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._restored = state_dict.get("train_weights")
+        self._restored_bn = state_dict.get("train_bn")

@@ -18,6 +18,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
 from lightning_adamw import OptimizerConfig, ScheduleFreeEval
+from lightning_adamw.schedulefree import update_bn
 
 CONFIG = OptimizerConfig("schedulefree_adamw", lr=1e-2, weight_decay=1e-3)
 
@@ -370,3 +371,153 @@ def test_the_lr_of_each_step_is_logged_warmup_included(tmp_path: Path) -> None:
         lrs = {int(r["step"]): float(r["lr"]) for r in csv.DictReader(f) if r.get("lr")}
     # step k (0-based) is the optimizer's (k + 1)-th: lr * min(1, (k + 1) / 8), as pytorch-optimizer computes it
     assert lrs == pytest.approx({k: 1e-2 * min(1.0, (k + 1) / 8) for k in range(16)})
+
+
+# ---------------------------------------------------------------------------------------------------- BatchNorm
+BN_BATCHES = 3
+
+
+def bn_state(module: nn.Module) -> list[torch.Tensor]:
+    norms = [m for m in module.modules() if isinstance(m, nn.BatchNorm1d)]
+    assert norms
+    return [b.detach().clone() for m in norms for b in (m.running_mean, m.running_var)]
+
+
+def bn_oracle(net: nn.Module, optimizer: torch.optim.Optimizer, batches: list[Any]) -> list[torch.Tensor]:
+    """BatchNorm statistics at x from torch's own update_bn, on deep copies (the originals untouched)."""
+    net, optimizer = copy.deepcopy((net, optimizer))
+    optimizer.eval()
+    torch.optim.swa_utils.update_bn(batches, net)
+    return bn_state(net)
+
+
+class BNProbe(TinyRegression):
+    """A BatchNorm network that checks, at validation and at every save, the statistics against the oracle."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__(CONFIG, norm=True, seed=seed)
+        self.recent: list[Any] = []
+        self.gaps: list[tuple[str, float]] = []
+        self.train_stats: dict[int, list[torch.Tensor]] = {}
+
+    def expected(self) -> list[torch.Tensor]:
+        return bn_oracle(self.net, self.trainer.optimizers[0], self.recent)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self.train_stats[self.global_step] = bn_state(self)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        self.recent = (self.recent + [batch])[-BN_BATCHES:]
+        return super().training_step(batch, batch_idx)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        if self.recent:
+            self.gaps.append(("val", max((a - b).abs().max().item() for a, b in zip(bn_state(self), self.expected()))))
+        super().validation_step(batch, batch_idx)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # the callbacks' hooks ran first: the state dict holds what the callback wrote; the module still holds y
+        saved = [checkpoint["state_dict"][f"net.1.{k}"] for k in ("running_mean", "running_var")]
+        self.gaps.append(("save", max((a - b).abs().max().item() for a, b in zip(saved, self.expected()))))
+
+
+def bn_fit(model: TinyRegression, epochs: int, bn_batches: int = BN_BATCHES, tmp_path: Path | None = None,
+           ckpt_path: Path | None = None, callbacks: list[Callback] | None = None, **kwargs: Any) -> Any:
+    callbacks = [ScheduleFreeEval(bn_batches=bn_batches), *(callbacks or [])]
+    if tmp_path is not None:
+        callbacks.append(ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1, save_last=True))
+    kwargs.setdefault("limit_val_batches", 2)
+    tr = trainer(max_epochs=epochs, callbacks=callbacks, enable_checkpointing=tmp_path is not None, **kwargs)
+    tr.fit(model, datamodule=TinyData(), ckpt_path=ckpt_path)
+    return tr
+
+
+def test_bn_statistics_are_reestimated_at_x_for_validation_and_checkpoints(tmp_path: Path) -> None:
+    model = BNProbe()
+    every = ModelCheckpoint(dirpath=tmp_path / "steps", save_top_k=-1, every_n_train_steps=5)  # mid-epoch, no val
+    tr = bn_fit(model, 3, tmp_path=tmp_path, callbacks=[every])
+    kinds = [k for k, _ in model.gaps]
+    assert kinds.count("val") == 6 and kinds.count("save") >= 6  # 2 batches x 3 epochs; epoch ends and steps 5, 10..
+    assert max(g for _, g in model.gaps) < 1e-12
+    # the statistics really changed: the training ones (of y) differ from the re-estimated ones (of x)
+    expected = model.expected()  # after fit the module holds x: the oracle's eval() on the copy changes nothing
+    assert max((a - b).abs().max().item() for a, b in zip(model.train_stats[23], expected)) > 1e-3
+    # after fit the module holds x with its statistics (what an export gets)
+    assert max((a - b).abs().max().item() for a, b in zip(bn_state(model), expected)) < 1e-12
+    assert tr.state.finished
+
+
+def test_bn_reestimation_leaves_the_training_run_unchanged() -> None:
+    with_bn, without = BNProbe(), BNProbe()
+    tr_with, tr_without = bn_fit(with_bn, 3), bn_fit(without, 3, bn_batches=0)
+    for a, b in zip(train_and_eval_weights(tr_with, with_bn)[0:1], train_and_eval_weights(tr_without, without)[0:1]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert with_bn.train_stats.keys() == without.train_stats.keys()
+    for step, stats in without.train_stats.items():  # training statistics put back after every validation
+        for a, b in zip(with_bn.train_stats[step], stats):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"step {step}")
+
+
+def test_bn_resume_equals_an_uninterrupted_run(tmp_path: Path) -> None:
+    full, first, resumed = BNProbe(), BNProbe(), BNProbe(seed=123)
+    bn_fit(full, 6)
+    bn_fit(first, 3, tmp_path=tmp_path)
+    bn_fit(resumed, 6, ckpt_path=tmp_path / "last.ckpt")
+    for (name, a), b in zip(resumed.state_dict().items(), full.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13, msg=name)  # x and its statistics
+    for step in range(24, 48):  # the training statistics came back from the checkpoint, not from x's
+        for a, b in zip(resumed.train_stats[step], full.train_stats[step]):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13, msg=f"step {step}")
+
+
+def test_bn_evaluation_before_any_training_batch_warns(tmp_path: Path, recwarn: pytest.WarningsRecorder) -> None:
+    # sanity checks (fresh and resumed) have no batches yet and are discarded anyway: quiet
+    bn_fit(BNProbe(), 1, tmp_path=tmp_path, num_sanity_val_steps=2)
+    bn_fit(BNProbe(), 2, ckpt_path=tmp_path / "last.ckpt", num_sanity_val_steps=2)
+    assert not [w for w in recwarn if "before any training batch" in str(w.message)]
+    # a resumed fit with nothing left to train ends on x without batches to estimate from: said so
+    with pytest.warns(UserWarning, match="before any training batch"):
+        bn_fit(BNProbe(), 1, ckpt_path=tmp_path / "last.ckpt")
+    with pytest.raises(ValueError, match="bn_batches is a number of training batches"):
+        ScheduleFreeEval(bn_batches=-1)
+
+
+class RankStats(Callback):
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def on_validation_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        torch.save(bn_state(pl_module), self.folder / f"bn{trainer.global_rank}-{trainer.current_epoch}.pt")
+
+
+def test_bn_statistics_are_pooled_over_ddp_ranks(tmp_path: Path) -> None:
+    model = TinyRegression(CONFIG, norm=True)
+    tr = trainer(max_epochs=2, devices=2, strategy="ddp_spawn", use_distributed_sampler=False, limit_val_batches=1,
+                 enable_checkpointing=True,
+                 callbacks=[ScheduleFreeEval(bn_batches=2), RankStats(tmp_path),
+                            ModelCheckpoint(dirpath=tmp_path, save_last=True)])
+    tr.fit(model, datamodule=ShardedData(batch_size=8))
+    ranks = [torch.load(tmp_path / f"bn{r}-1.pt") for r in (0, 1)]
+    for a, b in zip(*ranks):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)  # one set of statistics, pooled
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=True)["state_dict"]
+    assert saved["net.1.num_batches_tracked"] == 2  # re-estimated from the 2 recent batches at the save too
+
+
+def test_update_bn_matches_torch_and_leaves_modes_momenta_and_rng_alone() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 6), nn.Dropout(0.5), nn.BatchNorm1d(6, momentum=0.3), nn.Linear(6, 1)).double()
+    batches = [(torch.randn(8, 4, dtype=torch.float64), None) for _ in range(3)]
+    oracle = copy.deepcopy(net)
+    net.eval()
+    net[1].train()  # a mixed state, to be given back as it was
+    torch.manual_seed(1)
+    rng = torch.get_rng_state()
+    update_bn(net, batches)
+    assert torch.equal(torch.get_rng_state(), rng)  # dropout drew from a forked stream
+    assert [m.training for m in net] == [False, True, False, False] and net[2].momentum == 0.3
+    torch.manual_seed(1)  # the forked stream started here too: the same dropout masks for torch's update_bn
+    torch.optim.swa_utils.update_bn([b[0] for b in batches], oracle)
+    for a, b in zip(net[2].buffers(), oracle[2].buffers()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    assert net[2].num_batches_tracked == 3
