@@ -159,6 +159,7 @@ class ScheduleFreeEval(Callback):
         self._train_bn: list[torch.Tensor] | None = None
         self._restored_bn: list[torch.Tensor] | None = None
         self._module: nn.Module | None = None
+        self._x_bn: tuple[int, list[torch.Tensor]] | None = None  # (global step, statistics at x) of the last estimate
         self._warned_no_batches = False
         self._optimizers: list[Optimizer] = []
         # exact training weights, one list per schedule-free optimizer: kept while the module holds x ...
@@ -200,6 +201,8 @@ class ScheduleFreeEval(Callback):
         for optimizer in optimizers:
             optimizer.eval()
         self._train_bn = self._reestimate_bn(trainer) if optimizers else None
+        if self._train_bn is not None:  # a checkpoint saved before the next step reuses these statistics
+            self._x_bn = (trainer.global_step, [b.clone() for b in _bn_buffers(trainer.lightning_module)])
 
     def _reestimate_bn(self, trainer: pl.Trainer) -> list[torch.Tensor] | None:
         """BatchNorm statistics for the weights now in the module; returns the ones they replace (``None``: kept)."""
@@ -233,11 +236,14 @@ class ScheduleFreeEval(Callback):
             optimizer.eval()
         averaged = {id(p): p.detach().clone() for o in self._optimizers for p in _params(o)}
         statistics: dict[int, torch.Tensor] = {}
-        previous = self._reestimate_bn(trainer)
-        if previous is not None:
-            buffers = _bn_buffers(trainer.lightning_module)
-            statistics = {id(b): b.clone() for b in buffers}
-            _copy_into(buffers, previous)
+        buffers = _bn_buffers(trainer.lightning_module)
+        if self.bn_batches and self._x_bn is not None and self._x_bn[0] == trainer.global_step:
+            statistics = {id(b): v for b, v in zip(buffers, self._x_bn[1])}  # x has not moved since evaluating
+        else:
+            previous = self._reestimate_bn(trainer)
+            if previous is not None:
+                statistics = {id(b): b.clone() for b in buffers}
+                _copy_into(buffers, previous)
         for optimizer, weights in zip(self._optimizers, train_weights):
             _set_train(optimizer, weights)
         return averaged, statistics
@@ -250,7 +256,7 @@ class ScheduleFreeEval(Callback):
                 "shards them. Use strategy='ddp' (or a single device), or drop ScheduleFreeEval and call the "
                 "optimizer's train()/eval() yourself."
             )
-        self._module = pl_module
+        self._module, self._x_bn = pl_module, None
         # Strategy.save_checkpoint writes on global rank 0 only: the other ranks need not compute what it saves
         self._writes_checkpoints = trainer.is_global_zero or (
             type(trainer.strategy).save_checkpoint is not Strategy.save_checkpoint
@@ -353,7 +359,7 @@ class ScheduleFreeEval(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         # Lightning has just loaded the module weights: what was kept aside is stale
-        self._train_weights = self._train_bn = None
+        self._train_weights = self._train_bn = self._x_bn = None
 
     def state_dict(self) -> dict[str, Any]:
         if not self._writes_checkpoints or not self._optimizers:
