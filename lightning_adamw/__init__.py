@@ -5,6 +5,7 @@ momentum plus decoupled weight decay for any optimizer), ``FreezeUnfreeze`` fine
 entry point ``python -m lightning_adamw``.
 """
 
+import lightning_adamw._distributed  # noqa: F401  (destroys a gloo process group at exit; see the module)
 from lightning_adamw.decay import DecoupledDecay
 from lightning_adamw.divergence import DivergenceError, DivergenceGuard
 from lightning_adamw.finetuning import FreezeUnfreeze
