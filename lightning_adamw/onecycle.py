@@ -15,6 +15,7 @@ from torch.optim import Optimizer
 
 from lightning_adamw.decay import amp_will_skip_step, decay_group_, group_weight_decay, unwrap_optimizer
 from lightning_adamw.registry import DECAY_OWNER_ATTR, LAYER_GROUP_KEY
+from lightning_adamw.schedulefree import is_schedule_free
 from lightning_adamw.schedules import OneCycle, Schedule
 
 
@@ -178,7 +179,7 @@ class OneCycleWD(Callback):
         """
         self._total = int(total_steps)
         for idx, optimizer in enumerate(optimizers):
-            if callable(getattr(optimizer, "train", None)) and callable(getattr(optimizer, "eval", None)):
+            if is_schedule_free(optimizer):
                 raise MisconfigurationException(
                     f"{type(optimizer).__name__} is schedule-free (it has train()/eval() weights): it needs no "
                     "decaying lr schedule and applies its own weight decay. Replace OneCycleWD with "

@@ -206,14 +206,21 @@ def _is_no_decay(name: str, param: torch.Tensor) -> bool:
     return param.ndim <= 1 or name.endswith(".bias") or name == "bias"
 
 
+def _layer_group_modules(params: nn.Module | Sequence[nn.Module] | Iterable[torch.Tensor]) -> list[nn.Module] | None:
+    """The layer-group modules ``params`` names (a module is one group), or ``None`` for bare tensors."""
+    if isinstance(params, nn.Module):
+        return [params]
+    items = list(params)
+    return items if items and all(isinstance(m, nn.Module) for m in items) else None
+
+
 def _named_layer_groups(
     params: nn.Module | Sequence[nn.Module] | Iterable[torch.Tensor],
 ) -> list[list[tuple[str, torch.Tensor]]]:
-    if isinstance(params, nn.Module):
-        return [list(params.named_parameters())]
-    items = list(params)
-    if items and all(isinstance(m, nn.Module) for m in items):
-        return [list(m.named_parameters()) for m in items]
+    items = params if isinstance(params, nn.Module) else list(params)
+    modules = _layer_group_modules(items)
+    if modules is not None:
+        return [list(m.named_parameters()) for m in modules]
     if all(isinstance(p, torch.Tensor) for p in items):
         return [[(f"param{i}", p) for i, p in enumerate(items)]]
     raise TypeError(
@@ -310,11 +317,8 @@ def build_optimizer(
     split_kwargs = {k: kwargs.pop(k) for k in entry.split_options if k in kwargs}
     split = None
     if entry.split is not None:
-        modules = [params] if isinstance(params, nn.Module) else None
-        if modules is None:
-            params = list(params)
-            if params and all(isinstance(m, nn.Module) for m in params):
-                modules = params
+        params = params if isinstance(params, nn.Module) else list(params)  # read twice: split, then groups
+        modules = _layer_group_modules(params)
         if modules is not None:
             split = entry.split(modules, **split_kwargs)
         elif split_kwargs:

@@ -201,8 +201,6 @@ class ScheduleFreeEval(Callback):
         for optimizer in optimizers:
             optimizer.eval()
         self._train_bn = self._reestimate_bn(trainer) if optimizers else None
-        if self._train_bn is not None:  # a checkpoint saved before the next step reuses these statistics
-            self._x_bn = (trainer.global_step, [b.clone() for b in _bn_buffers(trainer.lightning_module)])
 
     def _reestimate_bn(self, trainer: pl.Trainer) -> list[torch.Tensor] | None:
         """BatchNorm statistics for the weights now in the module; returns the ones they replace (``None``: kept)."""
@@ -219,8 +217,13 @@ class ScheduleFreeEval(Callback):
                     "lightning_adamw.schedulefree.update_bn(module, batches)."
                 )
             return None
-        previous = [b.clone() for b in _bn_buffers(module)]
-        update_bn(module, self._recent, trainer.strategy)
+        buffers = _bn_buffers(module)
+        previous = [b.clone() for b in buffers]
+        if self._x_bn is not None and self._x_bn[0] == trainer.global_step:
+            _copy_into(buffers, self._x_bn[1])  # x has not moved since the last estimate (a save after validating)
+        else:
+            update_bn(module, self._recent, trainer.strategy)
+            self._x_bn = (trainer.global_step, [b.clone() for b in buffers])
         return previous
 
     def _bn_collective(self, trainer: pl.Trainer) -> bool:
@@ -230,22 +233,12 @@ class ScheduleFreeEval(Callback):
 
     def _eval_weights(self, trainer: pl.Trainer) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
         """``x`` of every parameter and, with ``bn_batches``, the BatchNorm statistics at ``x`` (by ``id``),
-        computed on the side: the module keeps ``y`` and its training statistics exactly."""
-        train_weights = [_clone(o) for o in self._optimizers]
-        for optimizer in self._optimizers:
-            optimizer.eval()
+        computed on the side: the module gets ``y`` and its training statistics back exactly."""
+        self._to_eval(trainer)
         averaged = {id(p): p.detach().clone() for o in self._optimizers for p in _params(o)}
-        statistics: dict[int, torch.Tensor] = {}
-        buffers = _bn_buffers(trainer.lightning_module)
-        if self.bn_batches and self._x_bn is not None and self._x_bn[0] == trainer.global_step:
-            statistics = {id(b): v for b, v in zip(buffers, self._x_bn[1])}  # x has not moved since evaluating
-        else:
-            previous = self._reestimate_bn(trainer)
-            if previous is not None:
-                statistics = {id(b): b.clone() for b in buffers}
-                _copy_into(buffers, previous)
-        for optimizer, weights in zip(self._optimizers, train_weights):
-            _set_train(optimizer, weights)
+        statistics = ({id(b): b.clone() for b in _bn_buffers(trainer.lightning_module)}
+                      if self._train_bn is not None else {})
+        self._to_train(trainer)
         return averaged, statistics
 
     # ---------------------------------------------------------------- hooks
