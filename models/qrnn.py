@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Literal, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.awd import AWDNetwork, add_weight_drop
@@ -63,12 +64,27 @@ def _grads_batched(grad_h: Tensor, f: Tensor, x: Tensor, h0: Tensor, h: Tensor) 
     return grad_f, g * f, g[0] * (1 - f[0])
 
 
+#: On CPU, time steps of at most this many elements (batch x width) take :func:`_grads_batched`: there the cost is
+#: per-op overhead, and one op per step beats five (measured 1.2x-1.6x faster for the whole forget-mult at 256 to 5,120
+#: elements per step, ``bench/bench_qrnn.py``). Wider steps take :func:`_grads_per_step`, whose per-step slabs stay in
+#: cache: the batched form's whole-tensor passes were up to 3x slower there (10,240 to 23,000 elements, 1 or 2 threads).
+CPU_BATCHED_MAX_STEP = 8192
+
+
+def _backward_form(grad_h: Tensor):
+    """The backward form for this device and step size: see :data:`CPU_BATCHED_MAX_STEP`."""
+    if grad_h.device.type != "cpu" or grad_h[0].numel() <= CPU_BATCHED_MAX_STEP:
+        return _grads_batched
+    return _grads_per_step
+
+
 class _ForgetMult(torch.autograd.Function):
     """The forget-mult with its backward written out: one fused op per time step forwards.
 
     Backward: with ``g_t`` the total gradient reaching ``h_t``, ``g_t = dL/dh_t + (1 - f_{t+1}) g_{t+1}`` (the same
     recurrence run backwards), then ``dL/dx_t = f_t g_t``, ``dL/df_t = (x_t - h_{t-1}) g_t`` and
-    ``dL/dh0 = (1 - f_0) g_0``; :func:`_grads_per_step` on CPU, :func:`_grads_batched` elsewhere.
+    ``dL/dh0 = (1 - f_0) g_0``; :func:`_grads_per_step` for wide steps on CPU, :func:`_grads_batched` otherwise
+    (:func:`_backward_form`).
     """
 
     @staticmethod
@@ -84,8 +100,7 @@ class _ForgetMult(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         f, x, h0, h = ctx.saved_tensors
-        grads = _grads_per_step if grad_h.device.type == "cpu" else _grads_batched
-        return grads(grad_h.contiguous(), f, x, h0, h)
+        return _backward_form(grad_h)(grad_h.contiguous(), f, x, h0, h)
 
 
 def forget_mult(f: Tensor, x: Tensor, h0: Tensor | None = None) -> Tensor:
@@ -100,6 +115,12 @@ def forget_mult(f: Tensor, x: Tensor, h0: Tensor | None = None) -> Tensor:
         raise ValueError(f"forget_mult needs f and x of the same shape, got {tuple(f.shape)} and {tuple(x.shape)}.")
     h0 = torch.zeros_like(x[0]) if h0 is None else h0
     return _ForgetMult.apply(f.contiguous(), x.contiguous(), h0.contiguous())
+
+
+#: Gate projections with at least this many weights run as a convolution on CPU (:meth:`QRNNLayer._project`); below
+#: it the permutes cost more than oneDNN saves (measured: 64 wide slower, 256 wide even).
+CPU_CONV_MIN_WEIGHT = 2**16
+_ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
 
 
 class QRNNState(NamedTuple):
@@ -147,11 +168,23 @@ class QRNNLayer(nn.Module):
             source = torch.cat([x, x_prev], 2)
         else:
             source = x
-        gates = self.linear(source).chunk(3 if self.output_gate else 2, dim=2)
+        gates = self._project(source).chunk(3 if self.output_gate else 2, dim=2)
         z, f = torch.tanh(gates[0]), torch.sigmoid(gates[1])
         c = forget_mult(f, z, None if state is None else state.c)
         h = torch.sigmoid(gates[2]) * c if self.output_gate else c
         return h, QRNNState(c[-1], x[-1] if self.window == 2 else None)
+
+    def _project(self, source: Tensor) -> Tensor:
+        """The gates before their activations, ``linear(source)``, ``(time, batch, gates * hidden)``.
+
+        On CPU a large projection runs as a width-1 convolution over time, the same product computed by oneDNN
+        instead of the BLAS ``sgemm`` behind ``nn.Linear``: on this project's AMD EPYC machine (MKL, which does not
+        use AVX-512 there) 1.7x faster for the whole layer at 1150 wide, forward and backward (``bench/bench_qrnn.py``).
+        """
+        weight, bias = self.linear.weight, self.linear.bias
+        if source.device.type == "cpu" and source.dtype in _ONEDNN_DTYPES and weight.numel() >= CPU_CONV_MIN_WEIGHT:
+            return F.conv1d(source.permute(1, 2, 0), weight.unsqueeze(-1), bias).permute(2, 0, 1)
+        return F.linear(source, weight, bias)
 
     def extra_repr(self) -> str:
         return f"{self.input_size}, {self.hidden_size}, window={self.window}, output_gate={self.output_gate}"

@@ -9,8 +9,11 @@ from torch.nn.utils import parametrize
 
 from models.qrnn import (
     AWDQRNN,
+    CPU_BATCHED_MAX_STEP,
+    CPU_CONV_MIN_WEIGHT,
     QRNNLayer,
     QRNNState,
+    _backward_form,
     _grads_batched,
     _grads_per_step,
     forget_mult,
@@ -32,7 +35,7 @@ def test_forget_mult_gradcheck() -> None:
     assert torch.autograd.gradcheck(lambda f, x: forget_mult(f, x), (f, x))  # zero initial state
 
 
-@pytest.mark.parametrize("shape", [(1, 3, 4), (70, 5, 17), (33, 2, 3, 5)])
+@pytest.mark.parametrize("shape", [(1, 3, 4), (70, 5, 17), (33, 2, 3, 5), (4, 2, 4100)])  # the last: per-step backward
 def test_forget_mult_equals_the_loop_forward_and_backward(shape: tuple[int, ...]) -> None:
     f, x, h0 = gates(shape, seed=1)
     grad = torch.randn(shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
@@ -48,6 +51,16 @@ def test_forget_mult_equals_the_loop_forward_and_backward(shape: tuple[int, ...]
         for grads in (_grads_per_step, _grads_batched):
             for a, b in zip(grads(grad, f, x, h0, fast), grads_loop):
                 torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_backward_form_by_device_and_step_size() -> None:
+    small = torch.zeros(70, 4, 64)  # 256 elements per step: per-op overhead dominates
+    wide = torch.zeros(3, 20, 1150)  # 23,000: the per-step slabs stay in cache
+    assert _backward_form(small) is _grads_batched
+    assert _backward_form(torch.zeros(2, 1, CPU_BATCHED_MAX_STEP)) is _grads_batched
+    assert _backward_form(torch.zeros(2, 1, CPU_BATCHED_MAX_STEP + 1)) is _grads_per_step
+    assert _backward_form(wide) is _grads_per_step
+    assert _backward_form(torch.zeros(2, 3, device="meta")) is _grads_batched  # not CPU: fewest launches
 
 
 def test_forget_mult_edge_gates() -> None:
@@ -88,6 +101,43 @@ def test_layer_matches_its_definition_and_carries_state(window: int) -> None:
     second, _ = layer(x[4:], carried)
     torch.testing.assert_close(torch.cat([first, second]), out, rtol=1e-12, atol=1e-12)
     assert new_state.c.shape == (3, 7) and (new_state.prev_x is None) == (window == 1)
+
+
+@pytest.mark.parametrize("window", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_convolution_projection_equals_the_linear_one(
+    window: int, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Large float32/bf16 projections on CPU run as a width-1 convolution: same outputs and gradients as nn.Linear,
+    weight-drop included (the same mask: the parametrized weight is read once per forward)."""
+    import models.qrnn as qrnn
+
+    calls = []
+    conv1d = qrnn.F.conv1d
+    monkeypatch.setattr(qrnn.F, "conv1d", lambda *a, **k: calls.append(1) or conv1d(*a, **k))
+    torch.manual_seed(8)
+    layer = QRNNLayer(176, 128, window=window, dropout_weight=0.3).to(dtype).train()
+    assert layer.linear.weight.numel() >= CPU_CONV_MIN_WEIGHT
+    x = torch.randn(9, 3, 176, dtype=dtype, requires_grad=True)
+    state = QRNNState(torch.randn(3, 128, dtype=dtype), torch.randn(3, 176, dtype=dtype) if window == 2 else None)
+
+    def run() -> list[torch.Tensor]:
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+        torch.manual_seed(9)  # the same weight-drop mask in both runs
+        out, new_state = layer(x, state)
+        (out.float() * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        return [out, new_state.c, x.grad, layer.linear.parametrizations.weight.original.grad, layer.linear.bias.grad]
+
+    conv = run()
+    assert calls, "the convolution path was not taken"
+    monkeypatch.setattr(qrnn, "CPU_CONV_MIN_WEIGHT", layer.linear.weight.numel() + 1)
+    calls.clear()
+    linear = run()
+    assert not calls
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    for a, b in zip(conv, linear):
+        torch.testing.assert_close(a, b, **tol)
 
 
 def test_first_window_starts_from_zeros() -> None:
