@@ -103,6 +103,19 @@ def check(impl) -> None:  # noqa: ANN001
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
+def step_of(impl, seq: int, batch: int, width: int):  # noqa: ANN001, ANN201
+    """One forward + backward of ``impl`` on random gates, as a closure for :func:`compare`."""
+    f = torch.rand(seq, batch, width, requires_grad=True)
+    x = torch.randn(seq, batch, width, requires_grad=True)
+    grad = torch.randn(seq, batch, width)
+
+    def step() -> None:
+        f.grad = x.grad = None
+        impl(f, x).backward(grad)
+
+    return step
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -114,21 +127,14 @@ def main() -> None:
     device = torch.device("cpu")
     compiled = compiled_forget_mult(args.chunk)
     check(compiled)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, best of {args.repeats}, forward + backward, "
-          f"float32, compiled chunk {args.chunk}\n")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, best of {args.repeats}, "
+          f"forward + backward, float32, compiled chunk {args.chunk}\n")
     print("| seq x batch x width | loop | shipped | compiled | shipped vs loop | compiled vs loop |")
     print("|---|---|---|---|---|---|")
     for seq, batch, width in SIZES:
         torch.manual_seed(0)
         loop, shipped = forget_mult_case(seq, batch, width, device)
-        f = torch.rand(seq, batch, width, requires_grad=True)
-        x = torch.randn(seq, batch, width, requires_grad=True)
-        grad = torch.randn(seq, batch, width)
-
-        def run_compiled() -> None:
-            f.grad = x.grad = None
-            compiled(f, x).backward(grad)
-
+        run_compiled = step_of(compiled, seq, batch, width)
         base, ours = compare(loop, shipped, device, args.repeats)
         base2, theirs = compare(loop, run_compiled, device, args.repeats)
         base = min(base, base2)

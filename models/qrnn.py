@@ -1,12 +1,12 @@
 """AWD-QRNN (Bradbury et al. 2017, "Quasi-Recurrent Neural Networks", arXiv:1611.01576), in plain PyTorch.
 
 A QRNN layer computes its gates for all time steps at once (a width-1 or width-2 convolution over time, i.e. one
-linear layer over the input and the previous input), and the only sequential part is the element-wise
-*forget-mult* ``c_t = f_t * z_t + (1 - f_t) * c_{t-1}``; the output is ``h_t = o_t * c_t``. This follows the
-Salesforce ``pytorch-qrnn`` layer that AWD-LSTM's QRNN variant used, without its CuPy kernel: :func:`forget_mult`
-is an ``autograd.Function`` with the gradient written out, one fused in-place operation per time step forwards and a
-few backwards, instead of the ~10 autograd operations per step of the plain loop :func:`forget_mult_loop`, which is
-kept as the definition the tests and ``bench/`` compare against.
+linear layer over the input and the previous input; on CPU run as a convolution by oneDNN), and the only sequential
+part is the element-wise *forget-mult* ``c_t = f_t * z_t + (1 - f_t) * c_{t-1}``; the output is ``h_t = o_t * c_t``.
+This follows the Salesforce ``pytorch-qrnn`` layer that AWD-LSTM's QRNN variant used, without its CuPy kernel:
+:func:`forget_mult` is an ``autograd.Function`` with the gradient written out, one fused in-place operation per time
+step forwards and one to five backwards, instead of the ~10 autograd operations per step of the plain loop
+:func:`forget_mult_loop`, which is kept as the definition the tests and ``bench/`` compare against.
 
 Defaults are the 2018 fast.ai WikiText-2 recipe: 4 layers of 1550, window 2 on the first layer, output gate,
 dropouts 0.4 (input) / 0.4 (output) / 0.1 (weight) / 0.1 (embedding) / 0.2 (between layers).
@@ -179,7 +179,8 @@ class QRNNLayer(nn.Module):
 
         On CPU a large projection runs as a width-1 convolution over time, the same product computed by oneDNN
         instead of the BLAS ``sgemm`` behind ``nn.Linear``: on this project's AMD EPYC machine (MKL, which does not
-        use AVX-512 there) 1.7x faster for the whole layer at 1150 wide, forward and backward (``bench/bench_qrnn.py``).
+        use AVX-512 there) 1.7x-1.8x faster for the whole layer at 1150 wide, forward and backward
+        (``bench/bench_qrnn.py``).
         """
         weight, bias = self.linear.weight, self.linear.bias
         if source.device.type == "cpu" and source.dtype in _ONEDNN_DTYPES and weight.numel() >= CPU_CONV_MIN_WEIGHT:
