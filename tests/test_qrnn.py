@@ -10,6 +10,7 @@ from torch.nn.utils import parametrize
 from models.qrnn import (
     AWDQRNN,
     CPU_BATCHED_MAX_STEP,
+    CPU_CHANNELS_LAST_MAX_IN,
     CPU_CONV_MIN_WEIGHT,
     QRNNLayer,
     QRNNState,
@@ -105,21 +106,22 @@ def test_layer_matches_its_definition_and_carries_state(window: int) -> None:
 
 @pytest.mark.parametrize("window", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("inputs", "hidden", "conv"), [(176, 128, "conv2d"), (CPU_CHANNELS_LAST_MAX_IN, 16, "conv1d")])
 def test_cpu_convolution_projection_equals_the_linear_one(
-    window: int, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+    window: int, dtype: torch.dtype, inputs: int, hidden: int, conv: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Large float32/bf16 projections on CPU run as a width-1 convolution: same outputs and gradients as nn.Linear,
+    """Large float32/bf16 projections on CPU run as a 1x1 convolution: same outputs and gradients as nn.Linear,
     weight-drop included (the same mask: the parametrized weight is read once per forward)."""
     import models.qrnn as qrnn
 
     calls = []
-    conv1d = qrnn.F.conv1d
-    monkeypatch.setattr(qrnn.F, "conv1d", lambda *a, **k: calls.append(1) or conv1d(*a, **k))
+    original = getattr(qrnn.F, conv)
+    monkeypatch.setattr(qrnn.F, conv, lambda *a, **k: calls.append(1) or original(*a, **k))
     torch.manual_seed(8)
-    layer = QRNNLayer(176, 128, window=window, dropout_weight=0.3).to(dtype).train()
+    layer = QRNNLayer(inputs, hidden, window=window, dropout_weight=0.3).to(dtype).train()
     assert layer.linear.weight.numel() >= CPU_CONV_MIN_WEIGHT
-    x = torch.randn(9, 3, 176, dtype=dtype, requires_grad=True)
-    state = QRNNState(torch.randn(3, 128, dtype=dtype), torch.randn(3, 176, dtype=dtype) if window == 2 else None)
+    x = torch.randn(9, 3, inputs, dtype=dtype, requires_grad=True)
+    state = QRNNState(torch.randn(3, hidden, dtype=dtype), torch.randn(3, inputs, dtype=dtype) if window == 2 else None)
 
     def run() -> list[torch.Tensor]:
         layer.zero_grad(set_to_none=True)
@@ -130,7 +132,10 @@ def test_cpu_convolution_projection_equals_the_linear_one(
         return [out, new_state.c, x.grad, layer.linear.parametrizations.weight.original.grad, layer.linear.bias.grad]
 
     conv = run()
-    assert calls, "the convolution path was not taken"
+    assert calls, f"the {conv} path was not taken"
+    if conv == "conv2d":
+        with torch.no_grad():  # read and written in place: the gates come back as (time, batch, gates) in memory
+            assert layer._project(torch.randn(9, 3, layer.linear.in_features, dtype=dtype)).is_contiguous()
     monkeypatch.setattr(qrnn, "CPU_CONV_MIN_WEIGHT", layer.linear.weight.numel() + 1)
     calls.clear()
     linear = run()
