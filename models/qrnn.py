@@ -41,11 +41,14 @@ def _grads_per_step(grad_h: Tensor, f: Tensor, x: Tensor, h0: Tensor, h: Tensor)
     """
     grad_f, grad_x = torch.empty_like(f), torch.empty_like(x)
     g = grad_h[-1].clone()
+    # the per-step views made once (one C++ call each) instead of by indexing inside the loop
+    gfs, gxs, ghs, fs, xs = (tensor.unbind(0) for tensor in (grad_f, grad_x, grad_h, f, x))
+    prevs = (h0, *h[:-1].unbind(0))  # h_{t-1}
     for t in range(x.size(0) - 1, -1, -1):
         if t < x.size(0) - 1:
-            g.sub_(grad_x[t + 1]).add_(grad_h[t])  # g_t = dL/dh_t + g_{t+1} - f_{t+1} g_{t+1}
-        torch.mul(f[t], g, out=grad_x[t])
-        torch.sub(x[t], h[t - 1] if t > 0 else h0, out=grad_f[t]).mul_(g)
+            g.sub_(gxs[t + 1]).add_(ghs[t])  # g_t = dL/dh_t + g_{t+1} - f_{t+1} g_{t+1}
+        torch.mul(fs[t], g, out=gxs[t])
+        torch.sub(xs[t], prevs[t], out=gfs[t]).mul_(g)
     return grad_f, grad_x, g - grad_x[0]
 
 
@@ -55,8 +58,9 @@ def _grads_batched(grad_h: Tensor, f: Tensor, x: Tensor, h0: Tensor, h: Tensor) 
     g = torch.empty_like(grad_h)
     keep = torch.rsub(f[1:], 1)  # 1 - f_{t+1}
     g[-1] = grad_h[-1]
+    gs, ghs, keeps = g.unbind(0), grad_h.unbind(0), keep.unbind(0)
     for t in range(x.size(0) - 2, -1, -1):
-        torch.addcmul(grad_h[t], keep[t], g[t + 1], out=g[t])
+        torch.addcmul(ghs[t], keeps[t], gs[t + 1], out=gs[t])
     grad_f = torch.empty_like(f)
     torch.sub(x[1:], h[:-1], out=grad_f[1:])
     torch.sub(x[0], h0, out=grad_f[0])
@@ -91,9 +95,9 @@ class _ForgetMult(torch.autograd.Function):
     def forward(ctx, f: Tensor, x: Tensor, h0: Tensor) -> Tensor:
         h = torch.empty_like(x)
         prev = h0
-        for t in range(x.size(0)):
-            torch.lerp(prev, x[t], f[t], out=h[t])  # prev + f * (x - prev)
-            prev = h[t]
+        for x_t, f_t, h_t in zip(x.unbind(0), f.unbind(0), h.unbind(0)):
+            torch.lerp(prev, x_t, f_t, out=h_t)  # prev + f * (x - prev)
+            prev = h_t
         ctx.save_for_backward(f, x, h0, h)
         return h
 
