@@ -122,7 +122,8 @@ def forget_mult(f: Tensor, x: Tensor, h0: Tensor | None = None) -> Tensor:
 
 
 #: Gate projections with at least this many weights run as a convolution on CPU (:meth:`QRNNLayer._project`); below
-#: it the permutes cost more than oneDNN saves (measured: 64 wide slower, 256 wide even).
+#: it the permutes cost more than oneDNN saves (measured: 64 wide slower). Measured on AMD (Zen 5) only; set it to
+#: ``math.inf`` to keep ``nn.Linear`` everywhere.
 CPU_CONV_MIN_WEIGHT = 2**16
 #: Of those, inputs narrower than this are read in place as channels-last images (batch as the image width), wider
 #: ones as a 1-d convolution over time. Measured with 1 thread, forward + backward, 70 steps, in -> out features:
@@ -191,7 +192,8 @@ class QRNNLayer(nn.Module):
         1.7x-1.8x faster for the whole layer at 1150 wide, forward and backward (``bench/bench_qrnn.py``).
         """
         weight, bias = self.linear.weight, self.linear.bias
-        if source.device.type != "cpu" or source.dtype not in _ONEDNN_DTYPES or weight.numel() < CPU_CONV_MIN_WEIGHT:
+        if (source.device.type != "cpu" or source.dtype not in _ONEDNN_DTYPES or weight.numel() < CPU_CONV_MIN_WEIGHT
+                or not torch.backends.mkldnn.is_available()):
             return F.linear(source, weight, bias)
         if source.size(-1) < CPU_CHANNELS_LAST_MAX_IN:
             # (time, batch, in) read in place as channels-last images (time, in, 1, batch): no copy in or out, the
