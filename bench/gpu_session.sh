@@ -9,7 +9,8 @@
 #   call 4 (if device time is left), same carry as 3: bash bench/gpu_session.sh 4 [EPOCHS, default 5]   # issue 6
 #
 # Extra arguments go to that step's main command (step 3: LightningCLI overrides; step 2: bench_lm_epoch.py).
-# Every log also lands in $OUT, which the device tool brings back; runs and checkpoints stay in .gpu/.
+# Every log also lands in $OUT, which the device tool brings back; runs and checkpoints stay in $GPU_WORK
+# (default /tmp/lightning_adamw_gpu), so a rerun of a step that timed out resumes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 step="${1:?usage: bash bench/gpu_session.sh 1|2|3|4 [extra arguments]}"
@@ -25,7 +26,9 @@ if ls .gpu/wheels/*.whl > /dev/null 2>&1; then
 else
   export PYTHONPATH="$PWD"
 fi
-data=.gpu/data/cifar10
+# outside the working tree, which the device tool re-syncs at each call (a warm machine is the same one each call)
+work="${GPU_WORK:-/tmp/lightning_adamw_gpu}"
+data="$work/cifar10"
 mkdir -p "$data/cifar-10-batches-py"
 if [ -d ".gpu/cifar_$step" ]; then cp .gpu/cifar_"$step"/* "$data/cifar-10-batches-py/"; fi
 
@@ -67,19 +70,19 @@ case "$step" in
     # issue 3 (cifar10_tta.yaml to completion, then the test set with TTA) and issue 5 (one config on CUDA in bf16,
     # through DDP), by the comparison runner: its results.md has the accuracies and the wall time
     run cifar10_tta 570 python3 -m lightning_adamw compare --config configs/cifar10_tta.yaml --variants adamw \
-      --seeds 1 --out .gpu/cifar10_tta --trainer.precision bf16-mixed --trainer.strategy ddp \
+      --seeds 1 --out "$work/cifar10_tta" --trainer.precision bf16-mixed --trainer.strategy ddp \
       --data.init_args.data_dir "$data" --data.init_args.download false "$@"
-    results .gpu/cifar10_tta
+    results "$work/cifar10_tta"
     ;;
   4)
     cifar_complete || exit 1
     epochs="${1:-5}"
     shift || true
     run compare 570 python3 -m lightning_adamw compare --config configs/cifar10.yaml \
-      --variants adamw,sgd,muon,schedulefree_adamw,lion --seeds 1 --out .gpu/compare \
+      --variants adamw,sgd,muon,schedulefree_adamw,lion --seeds 1 --out "$work/compare" \
       --trainer.precision bf16-mixed --trainer.max_epochs "$epochs" \
       --data.init_args.data_dir "$data" --data.init_args.download false "$@"
-    results .gpu/compare
+    results "$work/compare"
     ;;
   *)
     echo "unknown step $step: 1, 2, 3 or 4" >&2
