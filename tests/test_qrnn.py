@@ -11,6 +11,7 @@ from models.qrnn import (
     AWDQRNN,
     CPU_BATCHED_MAX_STEP,
     CPU_CHANNELS_LAST_MAX_IN,
+    CPU_CHANNELS_LAST_MIN_BATCH,
     CPU_CONV_MIN_WEIGHT,
     QRNNLayer,
     QRNNState,
@@ -106,9 +107,16 @@ def test_layer_matches_its_definition_and_carries_state(window: int) -> None:
 
 @pytest.mark.parametrize("window", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize(("inputs", "hidden", "conv"), [(176, 128, "conv2d"), (CPU_CHANNELS_LAST_MAX_IN, 16, "conv1d")])
+@pytest.mark.parametrize(
+    ("inputs", "hidden", "batch", "conv"),
+    [
+        (176, 128, CPU_CHANNELS_LAST_MIN_BATCH, "conv2d"),
+        (176, 128, CPU_CHANNELS_LAST_MIN_BATCH - 1, "conv1d"),  # few streams, as in evaluation
+        (CPU_CHANNELS_LAST_MAX_IN, 16, CPU_CHANNELS_LAST_MIN_BATCH, "conv1d"),  # wide inputs
+    ],
+)
 def test_cpu_convolution_projection_equals_the_linear_one(
-    window: int, dtype: torch.dtype, inputs: int, hidden: int, conv: str, monkeypatch: pytest.MonkeyPatch
+    window: int, dtype: torch.dtype, inputs: int, hidden: int, batch: int, conv: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Large float32/bf16 projections on CPU run as a 1x1 convolution: same outputs and gradients as nn.Linear,
     weight-drop included (the same mask: the parametrized weight is read once per forward)."""
@@ -120,8 +128,10 @@ def test_cpu_convolution_projection_equals_the_linear_one(
     torch.manual_seed(8)
     layer = QRNNLayer(inputs, hidden, window=window, dropout_weight=0.3).to(dtype).train()
     assert layer.linear.weight.numel() >= CPU_CONV_MIN_WEIGHT
-    x = torch.randn(9, 3, inputs, dtype=dtype, requires_grad=True)
-    state = QRNNState(torch.randn(3, hidden, dtype=dtype), torch.randn(3, inputs, dtype=dtype) if window == 2 else None)
+    x = torch.randn(9, batch, inputs, dtype=dtype, requires_grad=True)
+    state = QRNNState(
+        torch.randn(batch, hidden, dtype=dtype), torch.randn(batch, inputs, dtype=dtype) if window == 2 else None
+    )
 
     def run() -> list[torch.Tensor]:
         layer.zero_grad(set_to_none=True)
@@ -135,7 +145,7 @@ def test_cpu_convolution_projection_equals_the_linear_one(
     assert calls, f"the {conv} path was not taken"
     if conv == "conv2d":
         with torch.no_grad():  # read and written in place: the gates come back as (time, batch, gates) in memory
-            assert layer._project(torch.randn(9, 3, layer.linear.in_features, dtype=dtype)).is_contiguous()
+            assert layer._project(torch.randn(9, batch, layer.linear.in_features, dtype=dtype)).is_contiguous()
     monkeypatch.setattr(qrnn, "CPU_CONV_MIN_WEIGHT", layer.linear.weight.numel() + 1)
     calls.clear()
     linear = run()
