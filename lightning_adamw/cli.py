@@ -44,6 +44,39 @@ def import_zoo(root: Path | None = None) -> list[str]:
     return imported
 
 
+def _class_paths(node: Any) -> Iterator[str]:
+    """Every ``class_path`` value in a loaded YAML document."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "class_path" and isinstance(value, str):
+                yield value
+            else:
+                yield from _class_paths(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from _class_paths(item)
+
+
+def zoo_names_without_zoo(argv: list[str]) -> list[tuple[str, str]]:
+    """``(config, name)`` for each short ``class_path`` in the ``--config`` files of ``argv`` that only the zoo could
+    resolve: names that are neither dotted paths nor classes of this plugin, Lightning's callbacks or its loggers."""
+    import lightning.pytorch.callbacks as callbacks
+    import lightning.pytorch.loggers as loggers
+    import yaml
+
+    configs = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == "--config"]
+    configs += [arg.split("=", 1)[1] for arg in argv if arg.startswith("--config=")]
+    known = set(dir(lightning_adamw)) | set(dir(callbacks)) | set(dir(loggers))
+    found = []
+    for config in configs:
+        try:
+            document = yaml.safe_load(Path(config).read_text())
+        except (OSError, yaml.YAMLError):
+            continue  # LightningCLI reports a missing or broken file itself
+        found += [(config, name) for name in _class_paths(document) if "." not in name and name not in known]
+    return found
+
+
 def _optimizer_configs(node: Any, path: str = "") -> Iterator[tuple[str, Namespace]]:
     """Every namespace in a parsed config shaped like an OptimizerConfig, with its dotted key."""
     if isinstance(node, Namespace):
@@ -172,7 +205,14 @@ def main(args: list[str] | None = None) -> Any:
         from lightning_adamw.compare import main as compare
 
         return compare(argv[1:])
-    import_zoo()
+    zoo_loaded = import_zoo() or any(package in sys.modules for package in ZOO_PACKAGES)
+    if not zoo_loaded and (unresolved := zoo_names_without_zoo(argv)):
+        config, name = unresolved[0]
+        raise SystemExit(
+            f"{config} names `{name}`, a class of this project's zoo (models/, datamodules/), by its short name, and "
+            f"there is no zoo in {Path.cwd()}. Run the command from the root of the lightning_adamw checkout, or put "
+            "the checkout on PYTHONPATH and give the full path (e.g. models.classifier.ImageClassifier)."
+        )
     return AdamWCLI(
         LightningModule,
         LightningDataModule,

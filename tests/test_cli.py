@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from lightning_adamw.cli import import_zoo, main
+from lightning_adamw.cli import import_zoo, main, zoo_names_without_zoo
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -61,6 +61,26 @@ def test_import_zoo_finds_the_checkout_packages(tmp_path: Path) -> None:
     assert import_zoo(tmp_path) == []  # nothing outside a checkout
     imported = import_zoo(ROOT)
     assert all(name.split(".")[0] in ("models", "datamodules") for name in imported)
+
+
+def test_short_zoo_names_outside_the_checkout_get_a_clear_message(tmp_path: Path) -> None:
+    config = tmp_path / "mixed.yaml"
+    config.write_text(
+        "trainer:\n  callbacks:\n    - class_path: OneCycleWD\n    - class_path: ModelCheckpoint\n"
+        "    - class_path: lightning.pytorch.callbacks.LearningRateMonitor\n"
+        "  logger: {class_path: TensorBoardLogger}\n"
+        "model: {class_path: ImageClassifier, init_args: {net: {class_path: WideResNet}}}\n"
+    )
+    assert zoo_names_without_zoo(["fit", "--config", str(config)]) == [(str(config), "ImageClassifier"),
+                                                                       (str(config), "WideResNet")]
+    assert zoo_names_without_zoo(["fit", f"--config={config}"])[0][1] == "ImageClassifier"
+    assert zoo_names_without_zoo(["fit", "--config", str(tmp_path / "missing.yaml")]) == []
+    # a user's real situation: a zoo config run from another folder
+    result = subprocess.run([sys.executable, "-m", "lightning_adamw", "fit", "--config",
+                             str(ROOT / "configs" / "quickstart.yaml")], cwd=tmp_path, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": ""})
+    assert result.returncode != 0
+    assert "names `ImageClassifier`" in result.stderr and "root of the lightning_adamw checkout" in result.stderr
 
 
 def test_lr_find_prints_a_suggestion_and_saves_the_plot(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
