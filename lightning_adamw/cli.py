@@ -17,10 +17,11 @@ from typing import Any, Literal
 from jsonargparse import Namespace
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
-from lightning.pytorch.tuner import Tuner
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 import lightning_adamw  # noqa: F401  (registers OneCycleWD, FreezeUnfreeze and the schedules for short names)
 from lightning_adamw.decay import DecoupledDecay
+from lightning_adamw.lr_find import LRFindResult, lr_find
 from lightning_adamw.onecycle import OneCycleWD
 from lightning_adamw.registry import OptimizerConfig
 
@@ -107,11 +108,12 @@ class AdamWTrainer(Trainer):
         mode: Literal["exponential", "linear"] = "exponential",
         early_stop_threshold: float | None = 4.0,
         plot_path: str | None = None,
-    ) -> float | None:
-        """Learning-rate range test (Lightning's Tuner.lr_find): print the suggestion, save the loss-vs-lr plot.
+    ) -> LRFindResult | None:
+        """Learning-rate range test (Lightning's Tuner.lr_find, debiased): print the suggestions, save the plot.
 
-        OneCycleWD stands aside during the test (the finder drives the lr); its decoupled weight decay still applies,
-        at the finder's lr, so the test sees the same regularisation as training.
+        The suggestions are Lightning's steepest slope and fastai's ``valley`` (its default), ``minimum/10`` and
+        ``steep`` (:mod:`lightning_adamw.lr_find`). Lightning's finder runs without the Trainer's callbacks;
+        optimizers built in decoupled mode keep their weight decay, at the finder's lr.
 
         Args:
             min_lr: the smallest lr tried.
@@ -121,38 +123,20 @@ class AdamWTrainer(Trainer):
             early_stop_threshold: stop once the loss exceeds this multiple of the best loss (``None``: never).
             plot_path: where the PNG goes (default ``<default_root_dir>/lr_find.png``).
         """
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-        except ImportError:
-            raise ImportError("lr_find draws its plot with matplotlib: pip install 'lightning-adamw[zoo]'") from None
-        # Lightning's finder swaps every callback for its own, so the decay rides on the module's hook instead
-        weight_decay = next((c.weight_decay for c in self.callbacks if isinstance(c, OneCycleWD)), None)
-        decay = DecoupledDecay(weight_decay=weight_decay, log_values=False)
-        module_hook = model.on_before_optimizer_step
-
-        def decay_then_module_hook(optimizer: Any) -> None:
-            decay.on_before_optimizer_step(self, model, optimizer)
-            module_hook(optimizer)
-
-        model.on_before_optimizer_step = decay_then_module_hook  # type: ignore[method-assign]
-        try:
-            finder = Tuner(self).lr_find(
-                model, datamodule=datamodule, min_lr=min_lr, max_lr=max_lr, num_training=num_training, mode=mode,
-                early_stop_threshold=early_stop_threshold, update_attr=False,
-            )
-        finally:
-            del model.on_before_optimizer_step
-        if finder is None:
+        for callback in self.callbacks:
+            if isinstance(callback, (OneCycleWD, DecoupledDecay)) and callback.weight_decay:
+                rank_zero_warn(
+                    f"{type(callback).__name__}(weight_decay={callback.weight_decay}) is not applied during lr_find: "
+                    "Lightning's finder runs without the Trainer's callbacks. Give the decay to the optimizer "
+                    "(OptimizerConfig(..., weight_decay=..., wd_mode='decoupled')) to keep it in the range test."
+                )
+        result = lr_find(self, model, datamodule=datamodule, min_lr=min_lr, max_lr=max_lr,
+                         num_training=num_training, mode=mode, early_stop_threshold=early_stop_threshold)
+        if result is None:
             return None
-        suggestion = finder.suggestion()
-        path = Path(plot_path) if plot_path else Path(self.default_root_dir) / "lr_find.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        finder.plot(suggest=True).savefig(path)
-        shown = "none (the loss never fell: widen --min_lr/--max_lr)" if suggestion is None else f"{suggestion:.3g}"
-        print(f"lr_find: suggested lr {shown} (steepest loss descent); plot saved to {path}")
-        return suggestion
+        path = result.plot(Path(plot_path) if plot_path else Path(self.default_root_dir) / "lr_find.png")
+        print(f"lr_find: suggested lrs ({len(result.lrs)} steps; plot saved to {path})\n{result.report()}")
+        return result
 
 
 def flat_hparams(node: Any, prefix: str = "") -> dict[str, Any]:

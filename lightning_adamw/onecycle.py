@@ -7,15 +7,13 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.optim import Optimizer
 
-from lightning_adamw.decay import amp_will_skip_step, decay_group_, group_weight_decay, unwrap_optimizer
-from lightning_adamw.registry import DECAY_OWNER_ATTR, LAYER_GROUP_KEY
-from lightning_adamw.schedulefree import is_schedule_free
+from lightning_adamw.decay import DECOUPLED_WD_KEY, DecoupledWeightDecay, is_schedule_free, unwrap_optimizer
+from lightning_adamw.registry import LAYER_GROUP_KEY
 from lightning_adamw.schedules import OneCycle, Schedule
 
 
@@ -26,12 +24,13 @@ class OneCycleWD(Callback):
 
     1. sets each parameter group's lr to ``max_lr_g * schedule(step)`` and the momentum (SGD ``momentum`` or Adam
        ``betas[0]``) to the schedule's value,
-    2. applies decoupled weight decay ``w <- w - lr_t * wd * w`` to the group's parameters that have a gradient
-       (the convention of ``torch.optim.AdamW`` and fastai), or ``w <- w - eta_t * wd * w`` with ``eta_t`` the
-       schedule multiplier (``wd_convention="schedule"``, as written in the AdamW paper), with ``torch._foreach_*``
-       ops; nothing is decayed on a step that fp16 mixed precision skips,
-    3. logs ``lr``, ``momentum`` and ``wd`` (the decay factor actually applied) to every logger; with several
-       parameter groups the names are ``lr/pg0``, ``lr/pg1``, ...
+    2. drives the optimizer's decoupled weight decay (:class:`~lightning_adamw.decay.DecoupledWeightDecay`, which
+       applies it inside ``optimizer.step``): ``w <- w - lr_t * wd * w`` on the group's parameters that have a
+       gradient (the convention of ``torch.optim.AdamW`` and fastai), or ``w <- w - eta_t * wd * w`` with ``eta_t``
+       the schedule multiplier (``wd_convention="schedule"``, as written in the AdamW paper); nothing is decayed on
+       a step that fp16 mixed precision skips,
+    3. logs ``lr``, ``momentum`` and ``wd`` (the decay factor ``lr_t * wd`` actually applied, 0 on a skipped step)
+       to every logger; with several parameter groups the names are ``lr/pg0``, ``lr/pg1``, ...
 
     The step count is ``trainer.global_step`` (optimizer steps), so gradient accumulation, several devices and
     resuming all follow the same curve. The total is ``trainer.estimated_stepping_batches`` unless given.
@@ -93,7 +92,9 @@ class OneCycleWD(Callback):
         self._total: int | None = None
         # per optimizer: list of cycles {"start": step, "max_lrs": [...]} and per-group base decay
         self._cycles: dict[int, list[dict[str, Any]]] = {}
-        self._wds: dict[int, list[float]] = {}
+        self._decays: dict[int, DecoupledWeightDecay] = {}  # the optimizers whose decay this callback drives
+        self._etas: dict[int, float] = {}  # the schedule multiplier of the current step (wd_convention="schedule")
+        self._stepping: set[int] = set()
         self._boundaries: list[int] = []
         self._restored_total: int | None = None
         self._warned: set[str] = set()
@@ -186,8 +187,7 @@ class OneCycleWD(Callback):
                     "lightning_adamw.ScheduleFreeEval(warmup=0.05), which warms it up and evaluates and saves its "
                     "averaged weights."
                 )
-            setattr(optimizer, DECAY_OWNER_ATTR, self)
-            self._wds[idx] = [group_weight_decay(g, self.weight_decay) for g in optimizer.param_groups]
+            self._claim_decay(idx, optimizer)
             if self.schedule.cycles_momentum and not any(
                 k in optimizer.param_groups[0] for k in ("betas", "momentum")
             ):
@@ -201,23 +201,45 @@ class OneCycleWD(Callback):
                 )
                 self._cycles[idx] = [{"start": 0, "max_lrs": [float(x) for x in lrs]}]
 
+    def _claim_decay(self, idx: int, optimizer: Optimizer) -> None:
+        """Drive the optimizer's decoupled decay when there is one to apply (a group's ``decoupled_wd`` or ours)."""
+        if not self.weight_decay and not any(g.get(DECOUPLED_WD_KEY, 0.0) for g in optimizer.param_groups):
+            return  # nothing to decay: OneCycleWD only schedules (an optimizer's own weight_decay stays its own)
+        norm = math.sqrt(1.0 / self._total) if self.normalized else 1.0
+        if self.wd_convention == "lr":
+            rate = None if norm == 1.0 else (lambda group: float(group["lr"]) * norm)
+        else:
+            rate = lambda group: self._etas.get(idx, 1.0) * norm  # noqa: E731
+        decay = DecoupledWeightDecay.attach(optimizer)
+        decay.claim(self, self.weight_decay, rate)
+        self._decays[idx] = decay
+
+    def _group_decays(self, idx: int) -> list[float]:
+        decay = self._decays.get(idx)
+        return decay.group_decays() if decay is not None else [0.0] * len(self._cycles[idx][0]["max_lrs"])
+
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
             rank_zero_warn(message)
 
     # ---------------------------------------------------------------- the step
-    def values(self, step: int, optimizer_idx: int = 0) -> tuple[list[float], float | None, list[float]]:
-        """``(lrs per group, momentum, decay factor per group)`` the callback uses at ``step`` (no ``lr_scale``)."""
+    def _schedule_at(self, step: int, optimizer_idx: int) -> tuple[float, float | None, list[float]]:
+        """``(lr multiplier, momentum, peak lrs)`` of the cycle that ``step`` belongs to."""
         if self._total is None:
             raise RuntimeError("OneCycleWD.values() is available once training has started.")
         cycles = self._cycles[optimizer_idx]
         cycle = max((c for c in cycles if c["start"] <= step), key=lambda c: c["start"])
         end = min([b for b in self._boundaries if b > cycle["start"]] + [self._total])
         mult, momentum = self.schedule(step - cycle["start"], end - cycle["start"])
-        lrs = [m * mult for m in cycle["max_lrs"]]
+        return mult, momentum, cycle["max_lrs"]
+
+    def values(self, step: int, optimizer_idx: int = 0) -> tuple[list[float], float | None, list[float]]:
+        """``(lrs per group, momentum, decay factor per group)`` the callback uses at ``step`` (no ``lr_scale``)."""
+        mult, momentum, max_lrs = self._schedule_at(step, optimizer_idx)
+        lrs = [m * mult for m in max_lrs]
         norm = math.sqrt(1.0 / self._total) if self.normalized else 1.0
-        wds = self._wds[optimizer_idx]
+        wds = self._group_decays(optimizer_idx)
         if self.wd_convention == "lr":
             decay = [lr * wd * norm for lr, wd in zip(lrs, wds)]
         else:
@@ -226,10 +248,7 @@ class OneCycleWD(Callback):
 
     def _sync_groups(self, idx: int, optimizer: Optimizer) -> None:
         # parameter groups added after the start (e.g. by a BaseFinetuning callback) take their lr as peak
-        cycles, wds = self._cycles[idx], self._wds[idx]
-        for group in optimizer.param_groups[len(wds):]:
-            wds.append(group_weight_decay(group, self.weight_decay))
-        for cycle in cycles:
+        for cycle in self._cycles[idx]:
             cycle["max_lrs"] += [float(g["lr"]) for g in optimizer.param_groups[len(cycle["max_lrs"]):]]
 
     def apply(
@@ -238,11 +257,11 @@ class OneCycleWD(Callback):
         step: int,
         optimizer_idx: int = 0,
         lr_scale: float = 1.0,
-        skip_decay: bool = False,
     ) -> tuple[list[float], float | None, list[float]]:
-        """Set lr and momentum for ``step`` and apply the decoupled decay; call after backward, before the step.
+        """Set lr and momentum for ``step`` (and the decay the next ``optimizer.step()`` applies); call after
+        backward, before the step.
 
-        Returns ``(lrs, momentum, decay factors)`` as applied (decay 0 where skipped).
+        Returns ``(lrs, momentum, decay factors)`` for this step.
         """
         self._sync_groups(optimizer_idx, optimizer)
         if step >= self._total:
@@ -252,17 +271,14 @@ class OneCycleWD(Callback):
             lrs = [lr * lr_scale for lr in lrs]
             if self.wd_convention == "lr":
                 decay = [d * lr_scale for d in decay]
-        if skip_decay:
-            decay = [0.0] * len(decay)
-        with torch.no_grad():
-            for group, lr, factor in zip(optimizer.param_groups, lrs, decay):
-                group["lr"] = lr
-                if momentum is not None:
-                    if "betas" in group:
-                        group["betas"] = (momentum, *tuple(group["betas"])[1:])
-                    elif "momentum" in group:
-                        group["momentum"] = momentum
-                decay_group_(group, factor)
+        self._etas[optimizer_idx] = self._schedule_at(step, optimizer_idx)[0]  # the decay's rate in "schedule"
+        for group, lr in zip(optimizer.param_groups, lrs):
+            group["lr"] = lr
+            if momentum is not None:
+                if "betas" in group:
+                    group["betas"] = (momentum, *tuple(group["betas"])[1:])
+                elif "momentum" in group:
+                    group["momentum"] = momentum
         return lrs, momentum, decay
 
     def on_before_optimizer_step(
@@ -271,37 +287,43 @@ class OneCycleWD(Callback):
         optimizer = unwrap_optimizer(optimizer)
         optimizers = [unwrap_optimizer(o) for o in trainer.optimizers]
         idx = next(i for i, o in enumerate(optimizers) if o is optimizer)
-        lrs, momentum, decay = self.apply(
-            optimizer,
-            trainer.global_step,
-            optimizer_idx=idx,
-            lr_scale=float(getattr(pl_module, "lr_scale", 1.0)),
-            skip_decay=amp_will_skip_step(trainer, optimizer),
+        lrs, momentum, _ = self.apply(
+            optimizer, trainer.global_step, optimizer_idx=idx, lr_scale=float(getattr(pl_module, "lr_scale", 1.0))
         )
+        self._stepping.add(idx)
         if self.log_values:
-            self._log(pl_module, idx, len(optimizers), lrs, momentum, decay)
+            self._log(pl_module, idx, len(optimizers), lrs, momentum)
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        # the decay is logged once the step has run: what was applied, 0 where fp16 skipped the step
+        for idx in sorted(self._stepping):
+            decay = self._decays.get(idx)
+            if decay is not None and self.log_values:
+                wds = decay.group_decays()
+                applied = decay.pop_applied() or [0.0] * len(wds)
+                names = self._names(idx, len(trainer.optimizers), len(wds))
+                for name, factor, wd in zip(names, applied, wds):
+                    if wd > 0:
+                        pl_module.log(f"wd{name}", factor, on_step=True, on_epoch=False, prog_bar=False)
+        self._stepping.clear()
+
+    @staticmethod
+    def _names(idx: int, n_optimizers: int, n_groups: int) -> list[str]:
+        """Suffixes of the logged names: ``""`` (one group, one optimizer), ``/pg{g}`` or ``/opt{i}_pg{g}``."""
+        prefix = f"opt{idx}_" if n_optimizers > 1 else ""
+        if n_groups == 1 and not prefix:
+            return [""]
+        return [f"/{prefix}pg{g}" for g in range(n_groups)]
 
     def _log(
-        self,
-        pl_module: pl.LightningModule,
-        idx: int,
-        n_optimizers: int,
-        lrs: list[float],
-        momentum: float | None,
-        decay: list[float],
+        self, pl_module: pl.LightningModule, idx: int, n_optimizers: int, lrs: list[float], momentum: float | None
     ) -> None:
-        prefix = f"opt{idx}_" if n_optimizers > 1 else ""
-        single = len(lrs) == 1 and not prefix
-        metrics: dict[str, float] = {}
-        for g, (lr, d) in enumerate(zip(lrs, decay)):
-            suffix = "" if single else f"/{prefix}pg{g}"
-            metrics[f"lr{suffix}"] = lr
+        for suffix, lr in zip(self._names(idx, n_optimizers, len(lrs)), lrs):
+            pl_module.log(f"lr{suffix}", lr, on_step=True, on_epoch=False, prog_bar=False)
             if momentum is not None:
-                metrics[f"momentum{suffix}"] = momentum
-            if self._wds[idx][g] > 0:
-                metrics[f"wd{suffix}"] = d
-        for name, value in metrics.items():
-            pl_module.log(name, value, on_step=True, on_epoch=False, prog_bar=False)
+                pl_module.log(f"momentum{suffix}", momentum, on_step=True, on_epoch=False, prog_bar=False)
 
     # ---------------------------------------------------------------- checkpointing
     def state_dict(self) -> dict[str, Any]:

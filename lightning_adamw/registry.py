@@ -6,9 +6,11 @@ of the 2018 study's comparison (Adam+L2, Adam+WD, AMSGrad+L2, AMSGrad+WD, SGD+L2
 
 * ``wd_mode="l2"``: the decay goes into the optimizer's own ``weight_decay`` (added to the gradient, then mixed into
   the moving averages: what torch's ``Adam(weight_decay=...)`` and ``SGD(weight_decay=...)`` do).
-* ``wd_mode="decoupled"``: the optimizer gets ``weight_decay=0`` and each parameter group records
-  ``decoupled_wd``; :class:`~lightning_adamw.OneCycleWD` applies ``w <- w - lr_t * wd * w`` after backward
-  and before the step. An optimizer built in this mode refuses to step when nothing applies the decay.
+* ``wd_mode="decoupled"``: the optimizer gets ``weight_decay=0``, each parameter group records ``decoupled_wd``, and
+  the optimizer carries a :class:`~lightning_adamw.decay.DecoupledWeightDecay`, which applies
+  ``w <- w - lr_t * wd * w`` inside every ``optimizer.step()``, after backward and before the update: the optimizer
+  decays by itself, in a Lightning run, Lightning's ``Tuner.lr_find`` or a plain loop.
+  :class:`~lightning_adamw.OneCycleWD` schedules ``lr_t`` (and may take the decay over for its conventions).
 
 Example::
 
@@ -32,16 +34,13 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from lightning_adamw.decay import DECOUPLED_WD_KEY, DecoupledWeightDecay
 from lightning_adamw.muon import MuonAdamW, muon_split
 
 WdMode = Literal["l2", "decoupled"]
 
-#: Parameter-group key holding the decoupled weight decay that OneCycleWD applies to the group.
-DECOUPLED_WD_KEY = "decoupled_wd"
 #: Parameter-group key holding the index of the layer group (for discriminative learning rates).
 LAYER_GROUP_KEY = "layer_group"
-#: Attribute an optimizer carries once a callback has taken ownership of its decoupled weight decay.
-DECAY_OWNER_ATTR = "_lightning_adamw_decay_owner"
 
 
 class OptionalFactory:
@@ -84,8 +83,8 @@ class OptimizerEntry:
             RMSprop), ``"decoupled"`` (optimizers that decay the weights themselves) or ``"none"`` (no such argument).
         fixed_wd_mode: the name implies a mode (``adamw``, ``sgdw``) and the other mode is an error.
         owns_decoupled_decay: in decoupled mode the optimizer applies the decay itself (its ``weight_decay`` gets the
-            value) instead of OneCycleWD; for optimizers whose decay is not ``w <- w - lr * wd * w`` on the stored
-            weights (schedule-free methods decay their interpolated point).
+            value) instead of :class:`~lightning_adamw.decay.DecoupledWeightDecay`; for optimizers whose decay is not
+            ``w <- w - lr * wd * w`` on the stored weights (schedule-free methods decay their interpolated point).
         split: for optimizers that run different methods on different parameters (``muon``): called as
             ``split(modules, **split_options)`` with the module or its layer groups, it returns a function
             ``(name, parameter) -> extra group keys``; parameters with different keys get separate groups.
@@ -262,15 +261,7 @@ def param_groups(
     seen: set[int] = set()
     out: list[dict[str, Any]] = []
     for index, (named, group_lr) in enumerate(zip(groups, lrs)):
-        buckets: dict[tuple[bool, tuple[tuple[str, Any], ...]], list[torch.Tensor]] = {}
-        for name, p in named:
-            if id(p) in seen:
-                continue
-            seen.add(id(p))
-            extra = tuple(sorted(split(name, p).items())) if split is not None else ()
-            no_decay = exclude_bias_and_norm and _is_no_decay(name, p)
-            buckets.setdefault((no_decay, extra), []).append(p)
-        for (no_decay, extra), plist in sorted(buckets.items(), key=lambda item: item[0][0]):
+        for (no_decay, extra), plist in _buckets(named, seen, exclude_bias_and_norm, split):
             wd = 0.0 if no_decay else weight_decay
             out.append(
                 {
@@ -287,14 +278,25 @@ def param_groups(
     return out
 
 
-def _require_decay_owner(optimizer: Optimizer, args: Any, kwargs: Any) -> None:
-    if getattr(optimizer, DECAY_OWNER_ATTR, None) is None:
-        raise RuntimeError(
-            f"{type(optimizer).__name__} was built with wd_mode='decoupled', but nothing applies the decoupled weight "
-            "decay. Add the callback lightning_adamw.OneCycleWD (1cycle schedule and decay) or "
-            "lightning_adamw.DecoupledDecay (decay only, with any lr scheduler) to the Trainer, or build the optimizer "
-            "with wd_mode='l2'."
-        )
+_Bucket = tuple[bool, tuple[tuple[str, Any], ...]]  # (no decay, the split's extra group keys)
+
+
+def _buckets(
+    named: list[tuple[str, torch.Tensor]],
+    seen: set[int],
+    exclude_bias_and_norm: bool,
+    split: Callable[[str, torch.Tensor], Mapping[str, Any]] | None,
+) -> list[tuple[_Bucket, list[torch.Tensor]]]:
+    """One layer group's parameters by (no decay, split keys), decayed ones first; skips (and records) ``seen``."""
+    buckets: dict[_Bucket, list[torch.Tensor]] = {}
+    for name, p in named:
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        extra = tuple(sorted(split(name, p).items())) if split is not None else ()
+        no_decay = exclude_bias_and_norm and _is_no_decay(name, p)
+        buckets.setdefault((no_decay, extra), []).append(p)
+    return sorted(buckets.items(), key=lambda item: item[0][0])
 
 
 def build_optimizer(
@@ -313,37 +315,66 @@ def build_optimizer(
     with the list of those it does.
     """
     entry = get_optimizer_entry(name)
-    mode = resolve_wd_mode(entry, wd_mode)
-    split_kwargs = {k: kwargs.pop(k) for k in entry.split_options if k in kwargs}
-    split = None
-    if entry.split is not None:
-        params = params if isinstance(params, nn.Module) else list(params)  # read twice: split, then groups
-        modules = _layer_group_modules(params)
-        if modules is not None:
-            split = entry.split(modules, **split_kwargs)
-        elif split_kwargs:
-            raise ValueError(
-                f"Optimizer {name!r}: {sorted(split_kwargs)} name parameters, so build it over a module or a list "
-                "of layer-group modules rather than bare tensors."
-            )
-    groups = param_groups(params, lr=lr, weight_decay=weight_decay, wd_mode=mode,
-                          exclude_bias_and_norm=exclude_bias_and_norm, split=split)
-    owned_by_optimizer = mode == "decoupled" and entry.owns_decoupled_decay
-    if owned_by_optimizer:  # the optimizer's own weight_decay is the decoupled decay: hand it over
-        for group in groups:
-            group["weight_decay"], group[DECOUPLED_WD_KEY] = group[DECOUPLED_WD_KEY], 0.0
+    return _build(entry, resolve_wd_mode(entry, wd_mode), params, lr=lr, weight_decay=weight_decay,
+                  exclude_bias_and_norm=exclude_bias_and_norm, **kwargs)
+
+
+def _split(
+    entry: OptimizerEntry,
+    params: nn.Module | Sequence[nn.Module] | Iterable[torch.Tensor],
+    split_kwargs: dict[str, Any],
+) -> Callable[[str, torch.Tensor], Mapping[str, Any]] | None:
+    """The entry's ``(name, parameter) -> group keys`` over ``params`` (``None``: the entry does not split)."""
+    if entry.split is None:
+        return None
+    modules = _layer_group_modules(params)
+    if modules is not None:
+        return entry.split(modules, **split_kwargs)
+    if split_kwargs:
+        raise ValueError(
+            f"Optimizer {entry.name!r}: {sorted(split_kwargs)} name parameters, so build it over a module or a list "
+            "of layer-group modules rather than bare tensors."
+        )
+    return None
+
+
+def _options(entry: OptimizerEntry, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The factory's keyword arguments: the entry's defaults, then the user's; unknown ones raise."""
     options = {**entry.defaults, **kwargs}
     accepted = entry.accepted_kwargs()
     if accepted is not None:
         unknown = sorted(set(options) - accepted)
         if unknown:
             valid = sorted((accepted - {"self", "params", "lr", "weight_decay"}) | set(entry.split_options))
-            raise ValueError(f"Optimizer {name!r} does not take {unknown}; it takes {valid}.")
+            raise ValueError(f"Optimizer {entry.name!r} does not take {unknown}; it takes {valid}.")
     if entry.native_weight_decay != "none":
-        options["weight_decay"] = 0.0  # set per group above
-    optimizer = entry.factory(groups, lr=groups[0]["lr"], **options)
+        options["weight_decay"] = 0.0  # set per group
+    return options
+
+
+def _build(
+    entry: OptimizerEntry,
+    mode: WdMode,
+    params: nn.Module | Sequence[nn.Module] | Iterable[torch.Tensor],
+    *,
+    lr: float | Sequence[float],
+    weight_decay: float,
+    exclude_bias_and_norm: bool,
+    **kwargs: Any,
+) -> Optimizer:
+    """``build_optimizer`` for a resolved entry and mode."""
+    split_kwargs = {k: kwargs.pop(k) for k in entry.split_options if k in kwargs}
+    if entry.split is not None and not isinstance(params, nn.Module):
+        params = list(params)  # read twice: split, then groups
+    groups = param_groups(params, lr=lr, weight_decay=weight_decay, wd_mode=mode,
+                          exclude_bias_and_norm=exclude_bias_and_norm, split=_split(entry, params, split_kwargs))
+    owned_by_optimizer = mode == "decoupled" and entry.owns_decoupled_decay
+    if owned_by_optimizer:  # the optimizer's own weight_decay is the decoupled decay: hand it over
+        for group in groups:
+            group["weight_decay"], group[DECOUPLED_WD_KEY] = group[DECOUPLED_WD_KEY], 0.0
+    optimizer = entry.factory(groups, lr=groups[0]["lr"], **_options(entry, kwargs))
     if mode == "decoupled" and weight_decay > 0 and not owned_by_optimizer:
-        optimizer.register_step_post_hook(_require_decay_owner)
+        DecoupledWeightDecay.attach(optimizer)
     return optimizer
 
 
@@ -380,8 +411,7 @@ class OptimizerConfig:
     kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        entry = get_optimizer_entry(self.name)
-        resolve_wd_mode(entry, self.wd_mode)
+        entry, _ = self._resolve()
         if isinstance(entry.factory, OptionalFactory):
             try:
                 entry.factory.resolve()
@@ -393,25 +423,27 @@ class OptimizerConfig:
         if self.betas is not None and not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"betas must lie in [0, 1), got {self.betas}.")
 
+    def _resolve(self) -> tuple[OptimizerEntry, WdMode]:
+        """The registry entry and weight-decay mode, resolved once per ``(name, wd_mode)``."""
+        key = (self.name, self.wd_mode)
+        cached = self.__dict__.get("_resolved")
+        if cached is None or cached[0] != key:
+            entry = get_optimizer_entry(self.name)
+            cached = self.__dict__["_resolved"] = (key, entry, resolve_wd_mode(entry, self.wd_mode))
+        return cached[1], cached[2]
+
     @property
     def resolved_wd_mode(self) -> WdMode:
         """The weight-decay mode after applying the name's default."""
-        return resolve_wd_mode(get_optimizer_entry(self.name), self.wd_mode)
+        return self._resolve()[1]
 
     def build(self, params: nn.Module | Sequence[nn.Module] | Iterable[torch.Tensor]) -> Optimizer:
         """The optimizer over a module, a list of layer-group modules, or parameters."""
         extra = {k: v for k, v in (("betas", self.betas), ("momentum", self.momentum), ("eps", self.eps))
                  if v is not None}
-        return build_optimizer(
-            params,
-            self.name,
-            lr=self.lr,
-            weight_decay=self.weight_decay,
-            wd_mode=self.wd_mode,
-            exclude_bias_and_norm=self.exclude_bias_and_norm,
-            **extra,
-            **self.kwargs,
-        )
+        entry, mode = self._resolve()
+        return _build(entry, mode, params, lr=self.lr, weight_decay=self.weight_decay,
+                      exclude_bias_and_norm=self.exclude_bias_and_norm, **extra, **self.kwargs)
 
 
 register_optimizer("sgd", torch.optim.SGD, defaults={"momentum": 0.9},
@@ -426,13 +458,13 @@ register_optimizer("amsgrad", torch.optim.Adam, defaults={"amsgrad": True},
 register_optimizer("rmsprop", torch.optim.RMSprop, description="RMSprop")
 # Muon (torch.optim.Muon) for hidden matrices and conv kernels, AdamW for embeddings, the output layer, biases and
 # norms: one optimizer, split by lightning_adamw.muon.muon_split. Both halves decay as w <- w - lr * wd * w, so
-# OneCycleWD can own the decay.
+# DecoupledWeightDecay can apply it.
 register_optimizer("muon", MuonAdamW, native_weight_decay="decoupled", default_wd_mode="decoupled",
                    split=muon_split, split_options=("muon_params", "adamw_params"),
                    description="Muon for hidden matrices and conv kernels + AdamW for the rest (torch.optim.Muon)")
 # Optional extras from pytorch-optimizer (one maintained package with a large catalogue, torch its only heavy need):
-# install with pip install 'lightning-adamw[optim]'. Lion's decay is AdamW's (w <- w - lr * wd * w), so OneCycleWD
-# can own it; schedule-free AdamW decays its interpolated point and keeps its own decay.
+# install with pip install 'lightning-adamw[optim]'. Lion's decay is AdamW's (w <- w - lr * wd * w), so
+# DecoupledWeightDecay can apply it; schedule-free AdamW decays its interpolated point and keeps its own decay.
 register_optimizer("lion", OptionalFactory("pytorch_optimizer", "Lion", "pytorch-optimizer", "optim"),
                    native_weight_decay="decoupled", default_wd_mode="decoupled",
                    description="Lion (sign momentum), from pytorch-optimizer")

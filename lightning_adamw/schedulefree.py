@@ -16,13 +16,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.optim import Optimizer
 
-from lightning_adamw.decay import unwrap_optimizer
-
-
-def is_schedule_free(optimizer: Any) -> bool:
-    """Whether ``optimizer`` (or the one inside a ``LightningOptimizer``) keeps train/eval weights."""
-    optimizer = unwrap_optimizer(optimizer)
-    return callable(getattr(optimizer, "train", None)) and callable(getattr(optimizer, "eval", None))
+from lightning_adamw.decay import is_schedule_free, unwrap_optimizer
 
 
 def _params(optimizer: Optimizer) -> list[torch.Tensor]:

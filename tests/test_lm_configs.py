@@ -14,7 +14,7 @@ import yaml
 from lightning_adamw import OneCycleWD
 from lightning_adamw.cli import main
 from lightning_adamw.compare import deep_merge
-from lightning_adamw.registry import DECAY_OWNER_ATTR, DECOUPLED_WD_KEY
+from lightning_adamw.decay import DECOUPLED_WD_KEY, DecoupledWeightDecay
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ["wikitext2_awd_lstm.yaml", "wikitext2_qrnn.yaml", "wikitext2_small.yaml"]
@@ -99,7 +99,7 @@ def test_decoupled_weight_decay_is_one_override_away(shared_data: Path, tmp_path
     optimizer = cli.trainer.optimizers[0]
     group = optimizer.param_groups[0]
     assert group["weight_decay"] == 0.0 and group[DECOUPLED_WD_KEY] == 0.1  # not in the gradient: decoupled
-    assert isinstance(getattr(optimizer, DECAY_OWNER_ATTR), OneCycleWD)  # the config's callback applies it
+    assert isinstance(DecoupledWeightDecay.of(optimizer).owner, OneCycleWD)  # the config's callback drives it
 
 
 def test_fit_then_test_from_the_checkpoint_with_the_cache(shared_data: Path, tmp_path: Path) -> None:

@@ -226,8 +226,12 @@ def test_decay_happens_once_whoever_owns_it() -> None:
     # registry + decoupled mode: the groups hand their decay to the callback and the optimizer's own is zero
     opt = OptimizerConfig("muon", weight_decay=0.1).build(make_net())
     assert all(g["weight_decay"] == 0.0 and g["decoupled_wd"] == 0.1 for g in opt.param_groups)
+    # without a callback the registry's decay still happens once per step: an idle weight decays as (1 - lr*wd)^n
     net = make_net()
-    opt = OptimizerConfig("muon", weight_decay=0.1).build(net)
-    net(torch.ones(2, 8, dtype=torch.float64)).sum().backward()
-    with pytest.raises(RuntimeError, match="nothing applies the decoupled weight"):
+    idle = nn.Parameter(torch.ones(3, 3, dtype=torch.float64))
+    opt = OptimizerConfig("muon", lr=1e-2, weight_decay=0.1).build([net, nn.ParameterList([idle])])
+    for _ in range(3):
+        opt.zero_grad()
+        (net(torch.ones(2, 8, dtype=torch.float64)).sum() + 0.0 * idle.sum()).backward()
         opt.step()
+    torch.testing.assert_close(idle.detach(), torch.full((3, 3), (1 - 1e-2 * 0.1) ** 3, dtype=torch.float64))

@@ -132,15 +132,49 @@ def test_discriminative_lrs_per_layer_group_and_tied_weights() -> None:
     assert len(shared) == 1 and shared[0]["layer_group"] == 0  # a tied weight belongs to its first group
 
 
-def test_decoupled_optimizer_refuses_to_step_without_an_owner() -> None:
-    net = mlp()
-    opt = OptimizerConfig("adamw", weight_decay=0.1).build(net)
-    net(torch.randn(2, 4)).sum().backward()
-    with pytest.raises(RuntimeError, match="nothing applies the decoupled weight decay.*OneCycleWD"):
-        opt.step()
-    # zero decay needs no owner
-    plain = OptimizerConfig("adamw", weight_decay=0.0).build(net)
-    plain.step()
+@pytest.mark.parametrize("name, torch_cls, kwargs", [
+    ("adamw", torch.optim.AdamW, {"betas": (0.9, 0.99)}),
+    ("amsgrad", torch.optim.AdamW, {"amsgrad": True}),
+    ("sgdw", None, {}),
+])
+def test_decoupled_optimizer_decays_by_itself_in_a_plain_loop(name: str, torch_cls: type | None, kwargs: dict) -> None:
+    """No callback: the optimizer built in decoupled mode decays inside step(), as torch.optim.AdamW does."""
+    lr, wd = 1e-2, 0.1
+    ours, theirs = mlp().double(), mlp().double()
+    opt = OptimizerConfig(name, lr=lr, weight_decay=wd, wd_mode="decoupled", kwargs=kwargs).build(ours)
+    if torch_cls is None:  # SGD + decoupled decay written out: w <- w - lr * wd * w, then momentum SGD
+        ref = torch.optim.SGD(theirs.parameters(), lr=lr, momentum=0.9)
+        ref.register_step_pre_hook(lambda o, a, k: [p.data.mul_(1 - lr * wd) for p in theirs.parameters()] and None)
+    else:
+        ref = torch_cls(theirs.parameters(), lr=lr, weight_decay=wd, **kwargs)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        x = torch.randn(6, 4, generator=gen, dtype=torch.float64)
+        for net, o in ((ours, opt), (theirs, ref)):
+            o.zero_grad()
+            net(x).square().mean().backward()
+            o.step()
+    for a, b in zip(ours.parameters(), theirs.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_decoupled_decay_runs_after_the_closure() -> None:
+    """With a closure (Lightning's way) the decay comes after backward, so gradients are taken at undecayed weights."""
+    lr, wd = 0.1, 0.5
+    ours, theirs = mlp().double(), mlp().double()
+    opt = OptimizerConfig("adamw", lr=lr, weight_decay=wd).build(ours)
+    ref = torch.optim.AdamW(theirs.parameters(), lr=lr, weight_decay=wd)
+    x = torch.randn(6, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    for net, o in ((ours, opt), (theirs, ref)):
+        def closure(net: nn.Module = net, o: torch.optim.Optimizer = o) -> torch.Tensor:
+            o.zero_grad()
+            loss = net(x).square().mean()
+            loss.backward()
+            return loss
+        for _ in range(3):
+            o.step(closure)
+    for a, b in zip(ours.parameters(), theirs.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
 
 def test_bad_params_argument() -> None:
