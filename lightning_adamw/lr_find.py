@@ -76,7 +76,8 @@ def valley(lrs: Sequence[float], losses: Sequence[float]) -> int | None:
     """fastai's default rule (``valley``, from ESRI): about two thirds down the longest valley.
 
     The valley is the longest strictly decreasing subsequence of the losses, taken from the first point where the
-    longest one ends back by its length; the suggestion sits ``int(L/3) + int(L/6)`` points into it.
+    longest one ends back by its length; the suggestion sits ``int(L/3) + int(L/6)`` points into it. ``None`` where
+    the loss never fell.
     """
     window = _fastai_window(losses)
     y = [losses[i] for i in window]
@@ -88,6 +89,8 @@ def valley(lrs: Sequence[float], losses: Sequence[float]) -> int | None:
         longest[i] = 1 + max((longest[j] for j in range(i) if y[j] > y[i]), default=0)
         if longest[i] > longest[end]:
             end = i
+    if longest[end] < 2:
+        return None  # the loss never fell
     start = end - longest[end]
     section = (end - start) / 3
     return window[start + int(section) + int(section / 2)]

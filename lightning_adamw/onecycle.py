@@ -12,7 +12,13 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.optim import Optimizer
 
-from lightning_adamw.decay import DECOUPLED_WD_KEY, DecoupledWeightDecay, is_schedule_free, unwrap_optimizer
+from lightning_adamw.decay import (
+    DECOUPLED_WD_KEY,
+    DecoupledDecay,
+    DecoupledWeightDecay,
+    is_schedule_free,
+    unwrap_optimizer,
+)
 from lightning_adamw.registry import LAYER_GROUP_KEY
 from lightning_adamw.schedules import OneCycle, Schedule
 
@@ -154,6 +160,18 @@ class OneCycleWD(Callback):
             )
         return int(total)
 
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # before any callback's on_train_start, so the pair is refused with one message whatever the order
+        other = next((c for c in trainer.callbacks if isinstance(c, DecoupledDecay)), None)
+        decayed = [type(o).__name__ for o in map(unwrap_optimizer, trainer.optimizers) if self._has_decay(o)]
+        if other is not None and decayed:
+            source = f"its weight_decay={self.weight_decay}" if self.weight_decay else "the groups' decoupled_wd"
+            raise MisconfigurationException(
+                f"OneCycleWD applies the decoupled weight decay of {', '.join(decayed)} ({source}) and DecoupledDecay "
+                "would apply it as well: decay must happen once. Remove DecoupledDecay: OneCycleWD decays with its "
+                "schedule (DecoupledDecay is for runs with another lr scheduler)."
+            )
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         total = self._resolve_total(trainer)
         if self._restored_total is not None and self._restored_total != total:
@@ -201,9 +219,13 @@ class OneCycleWD(Callback):
                 )
                 self._cycles[idx] = [{"start": 0, "max_lrs": [float(x) for x in lrs]}]
 
+    def _has_decay(self, optimizer: Optimizer) -> bool:
+        """Whether there is a decoupled decay for this callback to drive (a group's ``decoupled_wd``, or ours)."""
+        return bool(self.weight_decay) or any(g.get(DECOUPLED_WD_KEY, 0.0) for g in optimizer.param_groups)
+
     def _claim_decay(self, idx: int, optimizer: Optimizer) -> None:
-        """Drive the optimizer's decoupled decay when there is one to apply (a group's ``decoupled_wd`` or ours)."""
-        if not self.weight_decay and not any(g.get(DECOUPLED_WD_KEY, 0.0) for g in optimizer.param_groups):
+        """Drive the optimizer's decoupled decay when there is one."""
+        if not self._has_decay(optimizer):
             return  # nothing to decay: OneCycleWD only schedules (an optimizer's own weight_decay stays its own)
         norm = math.sqrt(1.0 / self._total) if self.normalized else 1.0
         if self.wd_convention == "lr":
