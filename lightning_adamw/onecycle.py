@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -96,7 +97,7 @@ class OneCycleWD(Callback):
         self.normalized = normalized
         self.log_values = log_values
         self._total: int | None = None
-        # per optimizer: list of cycles {"start": step, "max_lrs": [...]} and per-group base decay
+        # per optimizer: list of cycles {"start": step, "max_lrs": [...]}
         self._cycles: dict[int, list[dict[str, Any]]] = {}
         self._decays: dict[int, DecoupledWeightDecay] = {}  # the optimizers whose decay this callback drives
         self._etas: dict[int, float] = {}  # the schedule multiplier of the current step (wd_convention="schedule")
@@ -227,14 +228,15 @@ class OneCycleWD(Callback):
         """Drive the optimizer's decoupled decay when there is one."""
         if not self._has_decay(optimizer):
             return  # nothing to decay: OneCycleWD only schedules (an optimizer's own weight_decay stays its own)
-        norm = math.sqrt(1.0 / self._total) if self.normalized else 1.0
-        if self.wd_convention == "lr":
-            rate = None if norm == 1.0 else (lambda group: float(group["lr"]) * norm)
-        else:
-            rate = lambda group: self._etas.get(idx, 1.0) * norm  # noqa: E731
+        plain = self.wd_convention == "lr" and not self.normalized  # the decay's default rate: the group's lr
         decay = DecoupledWeightDecay.attach(optimizer)
-        decay.claim(self, self.weight_decay, rate)
+        decay.claim(self, self.weight_decay, None if plain else functools.partial(self._decay_rate, idx))
         self._decays[idx] = decay
+
+    def _decay_rate(self, idx: int, group: dict[str, Any]) -> float:
+        """What multiplies a group's ``wd`` at this step: ``lr_t`` or ``eta_t``, normalised when asked."""
+        norm = math.sqrt(1.0 / self._total) if self.normalized else 1.0
+        return (float(group["lr"]) if self.wd_convention == "lr" else self._etas[idx]) * norm
 
     def _group_decays(self, idx: int) -> list[float]:
         decay = self._decays.get(idx)

@@ -85,7 +85,8 @@ for _cbs, _outcomes in {
             EXPECTED[_name, _order] = _outcome
 
 
-@pytest.mark.parametrize("optimizer, callbacks", sorted(EXPECTED))
+@pytest.mark.parametrize("optimizer, callbacks", sorted(EXPECTED),
+                         ids=[f"{o}-{'+'.join(c) or 'no_callback'}" for o, c in sorted(EXPECTED)])
 def test_every_mix_decays_once_or_is_refused(optimizer: str, callbacks: tuple[str, ...]) -> None:
     model = WithIdle(OPTIMIZERS[optimizer]())
     fit = trainer(max_steps=STEPS, callbacks=[CALLBACKS[c]() for c in callbacks])
