@@ -201,15 +201,17 @@ class DecoupledDecay(Callback):
         self._stepping: set[int] = set()
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        for optimizer in map(unwrap_optimizer, trainer.optimizers):
-            if not any(DecoupledWeightDecay.attach(optimizer).claim(self, self.weight_decay)):
-                own = [g.get("weight_decay", 0.0) for g in optimizer.param_groups]
-                why = (f"{type(optimizer).__name__} decays by its own weight_decay={max(own)}" if any(own)
-                       else "no parameter group has a decoupled weight decay")
-                raise MisconfigurationException(
-                    f"DecoupledDecay has nothing to apply: {why}. Give it weight_decay=... (with the optimizer's own "
-                    "weight_decay at 0), build the optimizer with wd_mode='decoupled', or remove DecoupledDecay."
-                )
+        optimizers = [unwrap_optimizer(o) for o in trainer.optimizers]
+        if any([any(DecoupledWeightDecay.attach(o).claim(self, self.weight_decay)) for o in optimizers]):
+            return
+        own = [(type(o).__name__, g["weight_decay"]) for o in optimizers for g in o.param_groups
+               if g.get("weight_decay", 0.0)]
+        why = (f"{own[0][0]} decays by its own weight_decay={own[0][1]}" if own
+               else "no parameter group has a decoupled weight decay")
+        raise MisconfigurationException(
+            f"DecoupledDecay has nothing to apply: {why}. Give it weight_decay=... (with the optimizer's own "
+            "weight_decay at 0), build the optimizer with wd_mode='decoupled', or remove DecoupledDecay."
+        )
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
