@@ -195,8 +195,9 @@ def lr_find(
     """Run ``Tuner(trainer).lr_find`` and return its curve debiased, with every rule's suggestion.
 
     The weights and optimizer state are restored afterwards (Lightning's finder does that). Optimizers built by the
-    registry in decoupled mode keep their decay during the test, at the finder's lr. Lightning's early stop compares
-    its biased curve with its biased best, so it stops at about ``early_stop_threshold / 2`` times the first losses.
+    registry in decoupled mode keep their decay during the test, at the finder's lr. Lightning's early stop still
+    compares its biased curve with its biased best loss, which starts at about half the first loss: until the loss has
+    fallen below that, the test stops at about ``early_stop_threshold / 2`` times the first loss.
     Returns ``None`` where Lightning skips the test (``fast_dev_run``).
     """
     start = trainer.global_step

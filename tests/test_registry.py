@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from torch import nn
@@ -144,7 +146,13 @@ def test_decoupled_optimizer_decays_by_itself_in_a_plain_loop(name: str, torch_c
     opt = OptimizerConfig(name, lr=lr, weight_decay=wd, wd_mode="decoupled", kwargs=kwargs).build(ours)
     if torch_cls is None:  # SGD + decoupled decay written out: w <- w - lr * wd * w, then momentum SGD
         ref = torch.optim.SGD(theirs.parameters(), lr=lr, momentum=0.9)
-        ref.register_step_pre_hook(lambda o, a, k: [p.data.mul_(1 - lr * wd) for p in theirs.parameters()] and None)
+
+        @torch.no_grad()
+        def decay(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+            for p in theirs.parameters():
+                p.mul_(1 - lr * wd)
+
+        ref.register_step_pre_hook(decay)
     else:
         ref = torch_cls(theirs.parameters(), lr=lr, weight_decay=wd, **kwargs)
     gen = torch.Generator().manual_seed(0)
