@@ -22,7 +22,7 @@ import_zoo(ROOT)  # the zoo runs from the checkout: put it on sys.path
 from test_cars_data import devkit  # noqa: E402
 
 CONFIGS = ROOT / "configs"
-VISION = ["cifar10", "cifar10_tta", "quickstart", "cars"]
+VISION = ["cifar10", "cifar10_tta", "cifar10_fast", "quickstart", "cars"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # fixture in conftest.py
