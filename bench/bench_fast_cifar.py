@@ -73,7 +73,7 @@ def loop_run(data_dir: str, subset: int, epochs: int, batch: int, precision: str
     data, net, optimizer = setup(data_dir, subset, batch)
     loader = data.train_dataloader()
     phases = shipped()["trainer"]["callbacks"][0]["init_args"]["schedule"]["init_args"]["phases"]
-    schedule = OneCycleWD(Schedule([Phase(p["frac"], tuple(p["lr"])) for p in phases]))
+    schedule = OneCycleWD(Schedule([Phase(p["frac"], tuple(p["lr"]), tuple(p["momentum"])) for p in phases]))
     schedule.attach([optimizer], epochs * len(loader))
     smoothing = shipped()["model"]["init_args"]["label_smoothing"]
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")

@@ -1,7 +1,7 @@
 """The airbench94 network: a patch-whitened VGG-like convnet that trains CIFAR-10 to 94% in about 10 epochs.
 
-Source: K. Jordan, "94% on CIFAR-10 in 3.29 Seconds on a Single GPU" (arXiv:2404.00498) and its published
-hyperparameters, as summarised in RECIPES.md ("The 94% regime on a CPU"); written here from that description.
+Source: K. Jordan, "94% on CIFAR-10 in 3.29 Seconds on a Single GPU" (arXiv:2404.00498) and the hyperparameters its
+scripts publish (github.com/KellerJordan/cifar10-airbench, airbench94); written here from that description.
 
 * A 2x2 convolution without padding whose 24 filters are the eigenvectors of the training images' 2x2-patch
   covariance and their negatives, each scaled by ``1 / sqrt(eigenvalue + eps)``: frozen (a buffer, so it is saved in

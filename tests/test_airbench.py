@@ -197,6 +197,8 @@ def test_config_trains_one_epoch_and_reloads_without_data(shared_data: Path, tmp
                 "--model.init_args.net.init_args.init_images", "128", *data])
     metrics = cli.trainer.callback_metrics
     assert {"train/loss", "val/acc", "val/acc_tta", "lr/pg0", "lr/pg1"} <= set(metrics)
+    assert "momentum" in {k.split("/")[0] for k in metrics}
+    assert float(metrics["lr/pg0"]) == pytest.approx(64 * float(metrics["lr/pg1"]))
     assert torch.isfinite(metrics["train/loss"])
     net = cli.model.net
     assert net.data_initialized and net.whiten.weight.is_contiguous(memory_format=torch.channels_last)
