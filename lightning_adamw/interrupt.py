@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 
@@ -81,7 +81,7 @@ class SaveOnInterrupt(Callback):
     def checkpoint_path(self, trainer: pl.Trainer) -> Path:
         """Where the interrupted run is saved: the ModelCheckpoint folder, else the trainer's root folder."""
         callback = trainer.checkpoint_callback
-        folder = callback.dirpath if isinstance(callback, ModelCheckpoint) and callback.dirpath else None
+        folder = getattr(callback, "dirpath", None)  # a ModelCheckpoint of either Lightning package
         return Path(folder or trainer.default_root_dir) / f"{self.filename}.ckpt"
 
     def on_train_batch_end(
@@ -108,8 +108,8 @@ class SaveOnInterrupt(Callback):
         trainer.save_checkpoint(self.saved_path)
         message = (
             f"Stopped by {self.requested or 'a signal on another rank'} after step {trainer.global_step}; saved "
-            f"{self.saved_path}. Continue with the same command plus --ckpt_path last (or --ckpt_path "
-            f"{self.saved_path})."
+            f"{self.saved_path}. Continue with trainer.fit(model, ckpt_path={str(self.saved_path)!r}) (CLI: the same "
+            "command plus --ckpt_path last)."
         )
         rank_zero_info(message)
         raise RunInterrupted(0)
