@@ -62,5 +62,5 @@ def backbone_layer_groups(model: nn.Module) -> list[nn.Module]:
             "returning its modules, body first and head last (e.g. [self.stem, self.blocks, self.head])."
         )
     groups = _split(found[0])
-    head = [*groups[-1], *_outside(model, found[0])]
+    head = [*groups[-1], *(_outside(model, found[0]) if model is not found[0] else [])]
     return [nn.ModuleList(g) for g in groups[:-1]] + [nn.ModuleList(head)]

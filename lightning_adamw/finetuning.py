@@ -44,9 +44,6 @@ class FreezeUnfreeze(BaseFinetuning):
         trainer = Trainer(max_epochs=60, callbacks=[OneCycleWD(OneCycle2018(pct=0.1)), unfreeze])
     """
 
-    #: the OneCycleWD class :meth:`fine_tune` builds (the ``pytorch_lightning`` port sets its own)
-    onecycle_class: type[OneCycleWD] = OneCycleWD
-
     def __init__(
         self,
         unfreeze_at_epoch: int,
@@ -98,7 +95,7 @@ class FreezeUnfreeze(BaseFinetuning):
             raise ValueError(f"fine_tune needs lr > 0 and lr_mult >= 1, got lr={lr}, lr_mult={lr_mult}.")
         top = lr / 2 if unfrozen_lr is None else unfrozen_lr
         return [
-            cls.onecycle_class(schedule, max_lr=lr, weight_decay=weight_decay),
+            OneCycleWD(schedule, max_lr=lr, weight_decay=weight_decay),
             cls(freeze_epochs, train_bn=train_bn, lr_range=(top / lr_mult, top)),
         ]
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 
@@ -81,7 +81,7 @@ class SaveOnInterrupt(Callback):
     def checkpoint_path(self, trainer: pl.Trainer) -> Path:
         """Where the interrupted run is saved: the ModelCheckpoint folder, else the trainer's root folder."""
         callback = trainer.checkpoint_callback
-        folder = getattr(callback, "dirpath", None)  # a ModelCheckpoint of either Lightning package
+        folder = callback.dirpath if isinstance(callback, ModelCheckpoint) and callback.dirpath else None
         return Path(folder or trainer.default_root_dir) / f"{self.filename}.ckpt"
 
     def on_train_batch_end(

@@ -1,17 +1,20 @@
 """The plugin's callbacks for projects on the standalone ``pytorch_lightning`` package.
 
-``pytorch_lightning`` and ``lightning.pytorch`` ship the same code under two names, so their base classes differ: a
-``pytorch_lightning`` Trainer and its LightningCLI (``issubclass(cls, pytorch_lightning.Callback)``) refuse the
-``lightning.pytorch`` callbacks. Each class here is the plugin's callback with ``pytorch_lightning``'s base class
-added: the same code, arguments and checkpoint state. Everything that is not a callback (optimizers, schedules) is
-re-exported unchanged, so one import serves both packages' users.
+``pytorch_lightning`` and ``lightning.pytorch`` are the same code under two names, and their classes differ: a
+``pytorch_lightning`` LightningCLI refuses a ``lightning.pytorch`` callback ("does not correspond to a subclass of
+Callback"), and an ``isinstance`` check against one package's ModelCheckpoint or strategy fails for the other's.
+Lightning publishes ``pytorch_lightning`` as a copy of ``lightning.pytorch`` with the imports renamed; this module
+does the same for the plugin's callback modules when it is imported: each is loaded from its own source file with
+``lightning.pytorch`` read as ``pytorch_lightning`` (line numbers and tracebacks unchanged). The classes are the
+same code on ``pytorch_lightning``'s bases, with the same arguments and checkpoint state; the modules without
+Lightning (optimizers, schedules, layer groups) are shared, not copied.
 
 Example::
 
     from lightning_adamw.pytorch_lightning import OneCycle2018, OneCycleWD, OptimizerConfig
     trainer = pytorch_lightning.Trainer(max_epochs=30, callbacks=[OneCycleWD(OneCycle2018(pct=0.075))])
 
-    # LightningCLI YAML (pytorch_lightning.cli)
+    # pytorch_lightning's LightningCLI, in the YAML:
     trainer:
       callbacks:
         - class_path: lightning_adamw.pytorch_lightning.OneCycleWD
@@ -19,40 +22,48 @@ Example::
 
 from __future__ import annotations
 
-import pytorch_lightning.callbacks as _callbacks
+import importlib.util
+import re
+import sys
+from pathlib import Path
+from types import ModuleType
 
-from lightning_adamw import decay, divergence, finetuning, interrupt, onecycle, schedulefree
+import pytorch_lightning  # noqa: F401  (fails here, naming the package, when it is not installed)
+
 from lightning_adamw.backbones import backbone_layer_groups
-from lightning_adamw.divergence import DivergenceError
-from lightning_adamw.interrupt import RunInterrupted
 from lightning_adamw.registry import OptimizerConfig, build_optimizer, even_mults, param_groups, register_optimizer
 from lightning_adamw.schedules import Constant, OneCycle, OneCycle2018, OneCycleLM, Phase, Schedule
 
-
-class DecoupledDecay(decay.DecoupledDecay, _callbacks.Callback):
-    __doc__ = decay.DecoupledDecay.__doc__
-
-
-class DivergenceGuard(divergence.DivergenceGuard, _callbacks.Callback):
-    __doc__ = divergence.DivergenceGuard.__doc__
-
-
-class OneCycleWD(onecycle.OneCycleWD, _callbacks.Callback):
-    __doc__ = onecycle.OneCycleWD.__doc__
+#: the plugin modules that import Lightning, in dependency order
+PORTED_MODULES = ("decay", "schedulefree", "onecycle", "divergence", "interrupt", "finetuning")
+#: Lightning's mirror packages: lightning.pytorch is pytorch_lightning, lightning.fabric is lightning_fabric
+_LIGHTNING_IMPORT = re.compile(r"^(\s*(?:from|import) )lightning\.(pytorch|fabric)\b", re.MULTILINE)
+_MIRROR = {"pytorch": "pytorch_lightning", "fabric": "lightning_fabric"}
+_SIBLING_IMPORT = re.compile(rf"^(\s*from lightning_adamw\.)({'|'.join(PORTED_MODULES)})\b", re.MULTILINE)
 
 
-class FreezeUnfreeze(finetuning.FreezeUnfreeze, _callbacks.BaseFinetuning):
-    __doc__ = finetuning.FreezeUnfreeze.__doc__
-    onecycle_class = OneCycleWD
+def _port(name: str) -> ModuleType:
+    path = Path(__file__).with_name(f"{name}.py")
+    source = _LIGHTNING_IMPORT.sub(lambda m: m[1] + _MIRROR[m[2]], path.read_text())
+    source = _SIBLING_IMPORT.sub(rf"\1{__name__.rsplit('.', 1)[1]}.\2", source)
+    spec = importlib.util.spec_from_loader(f"{__name__}.{name}", loader=None, origin=str(path))
+    module = importlib.util.module_from_spec(spec)
+    module.__file__ = str(path)  # inspect.getsource (jsonargparse's --help) and tracebacks read the original file
+    sys.modules[spec.name] = module
+    exec(compile(source, str(path), "exec"), module.__dict__)
+    return module
 
 
-class SaveOnInterrupt(interrupt.SaveOnInterrupt, _callbacks.Callback):
-    __doc__ = interrupt.SaveOnInterrupt.__doc__
+decay, schedulefree, onecycle, divergence, interrupt, finetuning = (_port(name) for name in PORTED_MODULES)
 
-
-class ScheduleFreeEval(schedulefree.ScheduleFreeEval, _callbacks.Callback):
-    __doc__ = schedulefree.ScheduleFreeEval.__doc__
-
+DecoupledDecay = decay.DecoupledDecay
+DivergenceError = divergence.DivergenceError
+DivergenceGuard = divergence.DivergenceGuard
+FreezeUnfreeze = finetuning.FreezeUnfreeze
+OneCycleWD = onecycle.OneCycleWD
+RunInterrupted = interrupt.RunInterrupted
+SaveOnInterrupt = interrupt.SaveOnInterrupt
+ScheduleFreeEval = schedulefree.ScheduleFreeEval
 
 __all__ = [
     "Constant",

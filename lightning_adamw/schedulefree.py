@@ -8,6 +8,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy, Strategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
@@ -15,7 +16,6 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.optim import Optimizer
 
-from lightning_adamw._compat import lightning_package
 from lightning_adamw.decay import unwrap_optimizer
 
 
@@ -243,9 +243,7 @@ class ScheduleFreeEval(Callback):
 
     # ---------------------------------------------------------------- hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        strategies = lightning_package(trainer).strategies
-        if isinstance(trainer.strategy, (strategies.FSDPStrategy, strategies.DeepSpeedStrategy,
-                                         strategies.ModelParallelStrategy)):
+        if isinstance(trainer.strategy, (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)):
             raise MisconfigurationException(
                 f"ScheduleFreeEval needs every rank to hold the full weights, but {type(trainer.strategy).__name__} "
                 "shards them. Use strategy='ddp' (or a single device), or drop ScheduleFreeEval and call the "
@@ -254,7 +252,7 @@ class ScheduleFreeEval(Callback):
         self._module, self._x_bn = pl_module, None
         # Strategy.save_checkpoint writes on global rank 0 only: the other ranks need not compute what it saves
         self._writes_checkpoints = trainer.is_global_zero or (
-            type(trainer.strategy).save_checkpoint is not strategies.Strategy.save_checkpoint
+            type(trainer.strategy).save_checkpoint is not Strategy.save_checkpoint
         )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -5,9 +5,11 @@ YAML, following the 1cycle schedule (torch's OneCycleLR as the oracle) and train
 from __future__ import annotations
 
 import csv
+import inspect
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,7 @@ from _tiny_pl import TinyPLModel
 
 import lightning_adamw
 import lightning_adamw.pytorch_lightning as lap
+from lightning_adamw.cli import main
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
@@ -54,10 +57,22 @@ def test_port_classes_are_the_plugin_callbacks_on_pytorch_lightning_bases() -> N
     for name in ("OneCycleWD", "FreezeUnfreeze", "DecoupledDecay", "DivergenceGuard", "SaveOnInterrupt",
                  "ScheduleFreeEval"):
         port, original = getattr(lap, name), getattr(lightning_adamw, name)
-        assert issubclass(port, original) and issubclass(port, pl.Callback), name
-        assert port.__init__ is original.__init__ and port.__doc__ == original.__doc__
+        assert issubclass(port, pl.Callback) and not issubclass(port, L.Callback), name
+        assert inspect.getsource(port) == inspect.getsource(original)  # one source file
     assert issubclass(lap.FreezeUnfreeze, pl.callbacks.BaseFinetuning)
+    assert lap.finetuning.OneCycleWD is lap.OneCycleWD  # FreezeUnfreeze finds the ported OneCycleWD
     assert lap.OneCycle2018 is lightning_adamw.OneCycle2018 and lap.OptimizerConfig is lightning_adamw.OptimizerConfig
+    for module in (getattr(lap, name) for name in lap.PORTED_MODULES):  # nothing of lightning.* left in the copies
+        used = {getattr(v, "__module__", "") or "" for v in vars(module).values()}
+        used |= {v.__name__ for v in vars(module).values() if isinstance(v, types.ModuleType)}
+        assert not [m for m in used if m.split(".")[0] == "lightning"], module.__name__
+
+
+def test_lightning_cli_short_names_still_resolve_with_the_port_imported(tmp_path: Path) -> None:
+    cli = main(["fit", "--model", "_tiny.TinyCLIModel", "--data", "_tiny.TinyData", "--trainer.callbacks",
+                "OneCycleWD", "--trainer.max_steps", "1", "--trainer.logger", "false", "--trainer.enable_progress_bar",
+                "false", "--trainer.default_root_dir", str(tmp_path)])
+    assert type(cli.trainer.callbacks[0]) is lightning_adamw.OneCycleWD
 
 
 def _fit(package: Any, model: Any, callbacks: list[Any], epochs: int) -> None:
