@@ -414,7 +414,11 @@ class OptimizerConfig:
 
     def __post_init__(self) -> None:
         entry = get_optimizer_entry(self.name)
+        # plain values whatever built the config (Hydra passes its ListConfig containers)
         self.name = entry.name
+        self.lr = [float(x) for x in self.lr] if isinstance(self.lr, Sequence) else self.lr
+        self.betas = None if self.betas is None else tuple(float(b) for b in self.betas)
+        self.lr_range = None if self.lr_range is None else tuple(float(x) for x in self.lr_range)
         resolve_wd_mode(entry, self.wd_mode)
         if isinstance(entry.factory, OptionalFactory):
             try:
