@@ -31,7 +31,9 @@ class OneCycleWD(Callback):
        schedule multiplier (``wd_convention="schedule"``, as written in the AdamW paper), with ``torch._foreach_*``
        ops; nothing is decayed on a step that fp16 mixed precision skips,
     3. logs ``lr``, ``momentum`` and ``wd`` (the decay factor actually applied) to every logger; with several
-       parameter groups the names are ``lr/pg0``, ``lr/pg1``, ...
+       parameter groups the names are ``lr/pg0``, ``lr/pg1``, ...; a group whose parameters are all frozen is
+       logged at lr 0 (and wd 0). Lightning writes these every ``log_every_n_steps`` steps: a run shorter than that
+       logs none (a warning says so).
 
     The step count is ``trainer.global_step`` (optimizer steps), so gradient accumulation, several devices and
     resuming all follow the same curve. The total is ``trainer.estimated_stepping_batches`` unless given.
@@ -160,7 +162,8 @@ class OneCycleWD(Callback):
                 f"This run was checkpointed with a {self._restored_total}-step OneCycleWD cycle but now has {total} "
                 "optimizer steps (max_epochs, max_steps, batch size, devices or accumulate_grad_batches changed). "
                 "Resume with the original settings, pass OneCycleWD(total_steps="
-                f"{self._restored_total}) to keep the old schedule, or start a new run without --ckpt_path."
+                f"{self._restored_total}) to keep the old schedule, or start a new run without ckpt_path "
+                "(CLI: --ckpt_path)."
             )
         optimizers = [unwrap_optimizer(o) for o in trainer.optimizers]
         for config in trainer.lr_scheduler_configs:
@@ -171,6 +174,14 @@ class OneCycleWD(Callback):
                     "from configure_optimizers and let OneCycleWD schedule it."
                 )
         self.attach(optimizers, total)
+        # Lightning writes on_step metrics every log_every_n_steps optimizer steps: a shorter run logs no curve
+        if self.log_values and trainer.loggers and total < trainer.log_every_n_steps:
+            self._warn_once(
+                "nolog",
+                f"Trainer(log_every_n_steps={trainer.log_every_n_steps}) is more than this run's {total} optimizer "
+                "steps: the loggers will receive no lr/momentum/wd values. Set log_every_n_steps to at most "
+                f"{total} (CLI: --trainer.log_every_n_steps 1) to see the schedule.",
+            )
 
     def attach(self, optimizers: Sequence[Optimizer], total_steps: int) -> None:
         """Take charge of ``optimizers`` for a run of ``total_steps`` optimizer steps.
@@ -279,6 +290,10 @@ class OneCycleWD(Callback):
             skip_decay=amp_will_skip_step(trainer, optimizer),
         )
         if self.log_values:
+            # a frozen group (no parameter trains, e.g. FreezeUnfreeze's body) is logged at lr 0, not as a cycle
+            frozen = [not any(p.requires_grad for p in g["params"]) for g in optimizer.param_groups]
+            lrs = [0.0 if f else lr for lr, f in zip(lrs, frozen)]
+            decay = [0.0 if f else d for d, f in zip(decay, frozen)]
             self._log(pl_module, idx, len(optimizers), lrs, momentum, decay)
 
     def _log(
