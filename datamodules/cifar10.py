@@ -1,7 +1,10 @@
 """CIFAR-10 in torchvision's on-disk format, with the 2018 study's augmentation and a fast data path.
 
-Two loaders produce the same training distribution (reflect-pad 4, random 32x32 crop, horizontal flip, then the
-CIFAR-10 normalisation of RECIPES.md):
+Two loaders produce the same training distribution (pad 4 by reflection, random 32x32 crop, horizontal flip, then
+the CIFAR-10 normalisation of RECIPES.md). The padding repeats the edge pixel by default, as the study's loader did
+(fastai 0.7 pads with OpenCV's ``BORDER_REFLECT``, numpy's "symmetric"); ``padding_mode="reflect"`` gives torch's
+reflection, which does not repeat it. The last, incomplete training batch is kept, as the study's loader kept it
+(391 steps per epoch at batch 128); ``drop_last=True`` drops it.
 
 * ``loader="device"`` (default): each split is one uint8 tensor moved once to the training device; batches are
   slices of it and are normalised and augmented there, a whole batch at a time, in ``on_after_batch_transfer``
@@ -28,40 +31,51 @@ from torchvision.transforms import v2
 #: RECIPES.md, "Models": CIFAR-10 channel mean and standard deviation.
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
-#: RECIPES.md: reflect-pad 4, then a random 32x32 crop.
+#: RECIPES.md: pad 4, then a random 32x32 crop.
 PAD = 4
+PaddingMode = Literal["symmetric", "reflect"]
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_FILES = ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch",
                  "batches.meta")
 
 
-def reflect(index: Tensor, size: int) -> Tensor:
-    """Map indices in ``[-size + 1, 2 * size - 2]`` into ``[0, size)`` as reflect padding does (edge not repeated)."""
+def reflect(index: Tensor, size: int, mode: PaddingMode = "symmetric") -> Tensor:
+    """Map indices in ``[-size, 2 * size - 1]`` into ``[0, size)`` as padding by reflection does.
+
+    ``"symmetric"`` repeats the edge pixel (``-1 -> 0``, OpenCV ``BORDER_REFLECT``, the study's loader);
+    ``"reflect"`` does not (``-1 -> 1``, torch and torchvision ``"reflect"``).
+    """
+    if mode == "symmetric":
+        index = torch.where(index < 0, -1 - index, index)
+        return torch.where(index >= size, 2 * size - 1 - index, index)
     index = index.abs()
     return torch.where(index >= size, 2 * (size - 1) - index, index)
 
 
-def crop_flip(images: Tensor, top: Tensor, left: Tensor, flip: Tensor, pad: int = PAD) -> Tensor:
-    """Crop every image of a reflect-padded batch at its own offset and mirror the width axis where ``flip``.
+def crop_flip(images: Tensor, top: Tensor, left: Tensor, flip: Tensor, pad: int = PAD,
+              mode: PaddingMode = "symmetric") -> Tensor:
+    """Crop every image of a padded batch at its own offset and mirror the width axis where ``flip``.
 
     Args:
         images: ``(N, C, H, W)`` batch of any dtype (uint8 before normalisation, or float).
         top, left: ``(N,)`` integer offsets in ``[0, 2 * pad]`` into the padded images (``pad, pad`` is the centre).
         flip: ``(N,)`` booleans; ``True`` reverses the last (width) axis of that image.
-        pad: reflect padding on each side (``pad < H, W``).
+        pad: padding on each side (``pad < H, W``).
+        mode: how the padding reflects the image (see :func:`reflect`).
 
     Returns the ``(N, C, H, W)`` crops. The padding is never materialised: each output pixel's source index is
     computed (reflected at the borders, reversed where flipped) and read with one ``gather``.
     """
     n, c, h, w = images.shape
-    rows = reflect(top.view(n, 1) - pad + torch.arange(h, device=images.device), h)
-    cols = reflect(left.view(n, 1) - pad + torch.arange(w, device=images.device), w)
+    rows = reflect(top.view(n, 1) - pad + torch.arange(h, device=images.device), h, mode)
+    cols = reflect(left.view(n, 1) - pad + torch.arange(w, device=images.device), w, mode)
     cols = torch.where(flip.view(n, 1), cols.flip(1), cols)
     index = (rows.view(n, h, 1) * w + cols.view(n, 1, w)).view(n, 1, h * w).expand(n, c, h * w)
     return images.reshape(n, c, h * w).gather(2, index).view(n, c, h, w)
 
 
-def random_crop_flip(images: Tensor, generator: torch.Generator, pad: int = PAD) -> Tensor:
+def random_crop_flip(images: Tensor, generator: torch.Generator, pad: int = PAD,
+                     mode: PaddingMode = "symmetric") -> Tensor:
     """The training augmentation on a batch: a uniform offset in ``[0, 2 * pad]^2`` and a fair flip per image.
 
     The random draws come from ``generator`` (a CPU generator) so results repeat whatever the device.
@@ -69,7 +83,7 @@ def random_crop_flip(images: Tensor, generator: torch.Generator, pad: int = PAD)
     n = images.shape[0]
     top, left = torch.randint(0, 2 * pad + 1, (2, n), generator=generator).to(images.device)
     flip = (torch.rand(n, generator=generator) < 0.5).to(images.device)
-    return crop_flip(images, top, left, flip, pad)
+    return crop_flip(images, top, left, flip, pad, mode)
 
 
 def normalize(images: Tensor) -> Tensor:
@@ -79,10 +93,10 @@ def normalize(images: Tensor) -> Tensor:
     return images.float().mul_(1.0 / (255.0 * std)).sub_(shift)
 
 
-def train_transform() -> v2.Compose:
+def train_transform(mode: PaddingMode = "symmetric") -> v2.Compose:
     """The per-image PIL training transform of the torchvision path (the same augmentation as ``random_crop_flip``)."""
     return v2.Compose([
-        v2.RandomCrop(32, padding=PAD, padding_mode="reflect"),
+        v2.RandomCrop(32, padding=PAD, padding_mode=mode),
         v2.RandomHorizontalFlip(),
         *eval_transform().transforms,
     ])
@@ -158,6 +172,9 @@ class CIFAR10DataModule(LightningDataModule):
         eval_subset: validate and test on the first this-many images of those splits; ``None``: all of them.
         num_workers: worker processes of the torchvision loader (the device loader needs none).
         seed: seed of the held-out split, the subset, the shuffling and the device path's augmentation.
+        padding_mode: ``"symmetric"`` (the edge pixel repeated, as the study's fastai 0.7 loader) or ``"reflect"``
+            (torch's reflection) for the crops' padding.
+        drop_last: drop the last, incomplete training batch (the study kept it: 391 steps per epoch at batch 128).
 
     Example::
 
@@ -178,10 +195,14 @@ class CIFAR10DataModule(LightningDataModule):
         eval_subset: int | None = None,
         num_workers: int = 2,
         seed: int = 0,
+        padding_mode: PaddingMode = "symmetric",
+        drop_last: bool = False,
     ) -> None:
         super().__init__()
         if loader not in ("device", "torchvision"):
             raise ValueError(f"loader must be 'device' or 'torchvision', got {loader!r}.")
+        if padding_mode not in ("symmetric", "reflect"):
+            raise ValueError(f"padding_mode must be 'symmetric' or 'reflect', got {padding_mode!r}.")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
         if not 0 <= val_size < 50_000:
@@ -204,6 +225,8 @@ class CIFAR10DataModule(LightningDataModule):
         self.eval_subset = eval_subset
         self.num_workers = num_workers
         self.seed = seed
+        self.padding_mode = padding_mode
+        self.drop_last = drop_last
         self.splits: dict[str, tuple[Tensor, Tensor]] = {}
         # made when training starts: a torch.Generator cannot be pickled into ddp_spawn's worker processes
         self._augment_generator: torch.Generator | None = None
@@ -273,8 +296,8 @@ class CIFAR10DataModule(LightningDataModule):
             raise RuntimeError(f"CIFAR10DataModule: call setup() for the {split!r} split before its dataloader.")
         images, labels = self.splits[split]
         if self.loader == "torchvision":
-            dataset = PILImages(images, labels, train_transform() if train else eval_transform())
-            return DataLoader(dataset, batch_size=self.batch_size, shuffle=train, drop_last=train,
+            dataset = PILImages(images, labels, train_transform(self.padding_mode) if train else eval_transform())
+            return DataLoader(dataset, batch_size=self.batch_size, shuffle=train, drop_last=train and self.drop_last,
                               num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
                               pin_memory=torch.cuda.is_available())
         rank, world_size = self._rank()
@@ -286,7 +309,8 @@ class CIFAR10DataModule(LightningDataModule):
         sampler = (DistributedSampler(range(len(labels)), num_replicas=world_size, rank=rank, shuffle=True,
                                       seed=self.seed, drop_last=True)
                    if train else range(rank, len(labels), world_size))
-        return DeviceBatches(images.to(device), labels.to(device), self.batch_size, sampler, drop_last=train)
+        return DeviceBatches(images.to(device), labels.to(device), self.batch_size, sampler,
+                             drop_last=train and self.drop_last)
 
     def train_dataloader(self) -> DeviceBatches | DataLoader:
         return self._loader("train", train=True)
@@ -308,7 +332,7 @@ class CIFAR10DataModule(LightningDataModule):
             return normalize(images)
         if self._augment_generator is None:
             self._augment_generator = torch.Generator().manual_seed(self.seed)
-        return normalize(random_crop_flip(images, self._augment_generator))
+        return normalize(random_crop_flip(images, self._augment_generator, mode=self.padding_mode))
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         if self.loader != "device":
@@ -319,7 +343,7 @@ class CIFAR10DataModule(LightningDataModule):
     def tta_augment(self, images: Tensor, generator: torch.Generator) -> Tensor:
         """The training augmentation on a normalised evaluation batch (test-time augmentation, ImageClassifier).
 
-        Reflect padding, cropping and flipping commute with the per-channel normalisation, so this is the same
-        transform the training images get.
+        Padding, cropping and flipping commute with the per-channel normalisation, so this is the same transform the
+        training images get.
         """
-        return random_crop_flip(images, generator)
+        return random_crop_flip(images, generator, mode=self.padding_mode)

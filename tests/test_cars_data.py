@@ -94,6 +94,21 @@ def test_devkit_layout_matches_torchvision_and_loads_batches(shared_data: Path, 
     assert dm.samples["test"][0][0] == root / "cars_test" / f"{N_TRAIN + 1:05d}.jpg"
 
 
+def test_an_epoch_keeps_the_last_incomplete_batch_as_the_study(shared_data: Path, tmp_path: Path) -> None:
+    # the study's loader keeps the last short batch (Cars: 64 steps per epoch at batch 128, not 63)
+    devkit(shared_data, tmp_path)
+    dm = StanfordCarsDataModule(data_dir=str(tmp_path), image_size=32, batch_size=64, num_workers=0,
+                                check_images=False)
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    assert len(loader) == 4  # 200 images: 64, 64, 64, 8
+    assert not loader.drop_last
+    dropping = StanfordCarsDataModule(data_dir=str(tmp_path), image_size=32, batch_size=64, num_workers=0,
+                                      check_images=False, drop_last=True)
+    dropping.setup("fit")
+    assert len(dropping.train_dataloader()) == 3
+
+
 def test_class_folder_layout(shared_data: Path, tmp_path: Path) -> None:
     counts = folders(shared_data, tmp_path)
     dm = small(tmp_path)

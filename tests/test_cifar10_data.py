@@ -10,7 +10,6 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from scipy import stats
 from torchvision.transforms import v2
@@ -46,18 +45,32 @@ def cifar(shared_data: Path) -> CIFAR10DataModule:
 
 
 # ---------------------------------------------------------------------------------------------- augmentation
-def test_crop_flip_matches_a_per_image_loop() -> None:
+@pytest.mark.parametrize("mode", ["symmetric", "reflect"])
+def test_crop_flip_matches_numpy_padding_per_image(mode: str) -> None:
     gen = torch.Generator().manual_seed(0)
     images = torch.randn(6, 3, 32, 32, generator=gen, dtype=torch.float64)
     top, left = torch.randint(0, 9, (2, 6), generator=gen)
+    top[0], left[0] = 0, 8  # the corners, where the two modes differ
     flip = torch.tensor([True, False, True, False, True, False])
-    out = crop_flip(images, top, left, flip)
+    out = crop_flip(images, top, left, flip, mode=mode)
     for i in range(6):
-        padded = F.pad(images[i:i + 1], (4, 4, 4, 4), mode="reflect")[0]
+        padded = torch.from_numpy(np.pad(images[i].numpy(), ((0, 0), (4, 4), (4, 4)), mode=mode))
         crop = padded[:, top[i]:top[i] + 32, left[i]:left[i] + 32]
         torch.testing.assert_close(out[i], crop.flip(-1) if flip[i] else crop)
-    pixels = torch.randint(0, 256, (6, 3, 32, 32), generator=gen, dtype=torch.uint8)  # dtype-agnostic
-    assert torch.equal(crop_flip(pixels, top, left, flip).double(), crop_flip(pixels.double(), top, left, flip))
+
+
+def test_default_padding_repeats_the_edge_pixel_as_the_studys_loader() -> None:
+    # fastai 0.7 pads with OpenCV BORDER_REFLECT: the pixel just outside the edge is the edge pixel itself
+    images = torch.arange(32.0).view(1, 1, 1, 32).expand(1, 3, 32, 32)
+    at = torch.tensor([4]), torch.tensor([2]), torch.tensor([False])  # two columns of padding on the left
+    assert crop_flip(images, *at)[0, 0, 0, :3].tolist() == [1.0, 0.0, 0.0]
+    assert crop_flip(images, *at, mode="reflect")[0, 0, 0, :3].tolist() == [2.0, 1.0, 0.0]
+    dm = CIFAR10DataModule(seed=0)
+    assert dm.padding_mode == "symmetric"
+    # the torchvision path pads the same way: padded columns 0..4 of the probe's green channel (8 * column)
+    crop = train_transform(dm.padding_mode).transforms[0]
+    padded = np.asarray(v2.Pad(4, padding_mode=crop.padding_mode)(Image.fromarray(probe())))
+    assert padded[4, :5, 1].tolist() == [24, 16, 8, 0, 0]
 
 
 def test_flip_acts_on_the_width_axis() -> None:
@@ -173,6 +186,48 @@ def test_held_out_validation_and_subsets(shared_data: Path) -> None:
     assert torch.equal(again.splits["train"][0], train)
 
 
+@pytest.mark.parametrize("loader", ["device", "torchvision"])
+def test_an_epoch_keeps_the_last_incomplete_batch_as_the_study(shared_data: Path, loader: str) -> None:
+    # the study's fastai 0.7 loader: 391 steps per CIFAR-10 epoch at batch 128, the last one of 80 images
+    dm = CIFAR10DataModule(data_dir=str(shared_data / "cifar10"), download=False, loader=loader, num_workers=0)
+    dm.setup("fit")
+    dm.trainer = fake_trainer()
+    assert len(dm.train_dataloader()) == 391
+    dropping = CIFAR10DataModule(data_dir=str(shared_data / "cifar10"), download=False, loader=loader,
+                                 num_workers=0, drop_last=True)
+    dropping.splits = dm.splits
+    dropping.trainer = fake_trainer()
+    assert len(dropping.train_dataloader()) == 390
+    if loader == "device":
+        batches = list(dm.train_dataloader())
+        assert [len(y) for _, y in batches[-2:]] == [128, 80]
+        seen = torch.cat([y for _, y in batches])
+        assert torch.equal(torch.bincount(seen), torch.bincount(dm.splits["train"][1]))  # every image once
+
+
+def test_trainer_runs_the_last_short_batch(shared_data: Path) -> None:
+    dm = CIFAR10DataModule(data_dir=str(shared_data / "cifar10"), download=False, batch_size=128,
+                           train_subset=300, eval_subset=10)
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    sizes: list[int] = []
+
+    class Count(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+            sizes.append(len(batch[1]))
+            return (self.w * batch[0].mean()).sum()
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    trainer.fit(Count(), dm)
+    assert sizes == [128, 128, 44] and trainer.global_step == 3
+
+
 def test_ddp_ranks_see_disjoint_shards_reshuffled_each_epoch(cifar: CIFAR10DataModule) -> None:
     n = len(cifar.splits["train"][1])
     shards = []
@@ -181,7 +236,7 @@ def test_ddp_ranks_see_disjoint_shards_reshuffled_each_epoch(cifar: CIFAR10DataM
         loader = cifar.train_dataloader()
         loader.sampler.set_epoch(0)
         order = list(loader.sampler)
-        assert len(loader) == len(order) // 128 == (n // 3) // 128
+        assert len(loader) == -(-len(order) // 128) == -(-(n // 3) // 128)  # the last, short batch is kept
         images, labels = next(iter(loader))
         assert torch.equal(labels, cifar.splits["train"][1][order[:128]])
         assert torch.equal(images, cifar.splits["train"][0][order[:128]])
