@@ -21,6 +21,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.optim import Optimizer
 
+from lightning_adamw.lognames import group_metric_name
+
 #: Parameter-group key holding the group's decoupled weight decay (set by the registry in decoupled mode).
 DECOUPLED_WD_KEY = "decoupled_wd"
 _ATTR = "_lightning_adamw_decoupled_decay"
@@ -45,11 +47,12 @@ class DecoupledWeightDecay:
     """The decoupled weight decay of one optimizer: ``w <- w - rate_g * wd_g * w`` for each parameter group ``g``.
 
     ``wd_g`` is the group's ``decoupled_wd`` (the registry's decision), else the claiming callback's
-    ``weight_decay``; ``rate_g`` is the group's lr at the step unless the claiming callback says otherwise. The decay
-    runs in an ``optimizer.step`` pre-hook: with a closure (Lightning evaluates forward, backward,
-    ``on_before_optimizer_step`` and gradient clipping inside ``optimizer.step``) it runs once the closure has
-    returned, without one (a hand-written loop) at once; either way after backward and before the update, on the
-    parameters that have a gradient, as ``torch.optim.AdamW``. A step that fp16 mixed precision skips never calls
+    ``weight_decay`` (with ``claim(decide=...)``, what the callback decides for every group); ``rate_g`` is the
+    group's lr at the step unless the claiming callback says otherwise. The decay runs in an ``optimizer.step``
+    pre-hook: with a closure (Lightning evaluates forward, backward, ``on_before_optimizer_step`` and gradient
+    clipping inside ``optimizer.step``) it runs once the closure has returned, without one (a hand-written loop) at
+    once; either way after backward and before the update, on the parameters that have a gradient, as
+    ``torch.optim.AdamW``. A step that fp16 mixed precision skips never calls
     ``optimizer.step``, so nothing is decayed then.
 
     Use :meth:`attach` to get the one instance of an optimizer, never the constructor twice.
@@ -66,6 +69,7 @@ class DecoupledWeightDecay:
         self.owner: object | None = None
         self.weight_decay = 0.0  # for groups without decoupled_wd
         self.rate: Callable[[dict[str, Any]], float] = _group_lr
+        self.decide: Callable[[int, dict[str, Any]], float] | None = None
         self._checked = 0  # groups whose own weight_decay was checked
         self._applied: list[float] | None = None
         optimizer.register_step_pre_hook(self._pre_step)
@@ -88,12 +92,15 @@ class DecoupledWeightDecay:
         owner: object,
         weight_decay: float | None = None,
         rate: Callable[[dict[str, Any]], float] | None = None,
+        decide: Callable[[int, dict[str, Any]], float] | None = None,
     ) -> list[float]:
         """Make ``owner`` (a callback) the one that drives this decay; returns each group's ``wd``.
 
         Args:
             weight_decay: the decay for groups without ``decoupled_wd``.
             rate: ``group -> rate`` multiplying ``wd`` at each step; ``None``: the group's lr.
+            decide: ``(group index, group) -> wd`` deciding every group's decay instead of ``decoupled_wd`` and
+                ``weight_decay`` (OneCycleWD's ``weight_decay_timescale``); it refuses a group it cannot decide.
 
         Raises:
             MisconfigurationException: another callback drives it already, ``weight_decay`` would reach no group,
@@ -114,15 +121,21 @@ class DecoupledWeightDecay:
                 "build_optimizer): the value would change nothing. Drop it from the callback and set weight_decay "
                 "(with wd_mode='decoupled') in the optimizer's config."
             )
+        if decide is not None and weight_decay is not None:
+            raise ValueError("claim() takes weight_decay or decide, not both.")
         self.owner, self.weight_decay = owner, float(weight_decay or 0.0)
         self.rate = rate or _group_lr
+        self.decide = decide
         self._checked = 0
         return self.group_decays()
 
     def group_decays(self) -> list[float]:
         """Each group's ``wd``; a group that would also decay through the optimizer's own ``weight_decay`` raises."""
         groups = self.optimizer.param_groups
-        wds = [float(g.get(DECOUPLED_WD_KEY, self.weight_decay)) for g in groups]
+        if self.decide is not None:
+            wds = [float(self.decide(i, g)) for i, g in enumerate(groups)]
+        else:
+            wds = [float(g.get(DECOUPLED_WD_KEY, self.weight_decay)) for g in groups]
         for group, wd in list(zip(groups, wds))[self._checked:]:
             if wd > 0 and group.get("weight_decay", 0.0):
                 raise MisconfigurationException(
@@ -221,7 +234,8 @@ class DecoupledDecay(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        for optimizer in map(unwrap_optimizer, trainer.optimizers):
+        optimizers = [unwrap_optimizer(o) for o in trainer.optimizers]
+        for idx, optimizer in enumerate(optimizers):
             if id(optimizer) not in self._stepping:
                 continue
             self._stepping.discard(id(optimizer))
@@ -229,7 +243,7 @@ class DecoupledDecay(Callback):
             wds = decay.group_decays()
             factors = decay.pop_applied() or [0.0] * len(wds)
             if self.log_values:
-                names = ["wd"] if len(factors) == 1 else [f"wd/pg{i}" for i in range(len(factors))]
+                names = [group_metric_name("wd", i, len(factors), idx, len(optimizers)) for i in range(len(factors))]
                 for name, factor, wd in zip(names, factors, wds):
                     if wd > 0:
                         pl_module.log(name, factor, on_step=True, on_epoch=False)

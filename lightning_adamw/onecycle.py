@@ -10,7 +10,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch.optim import Optimizer
 
 from lightning_adamw.decay import (
@@ -20,6 +20,7 @@ from lightning_adamw.decay import (
     is_schedule_free,
     unwrap_optimizer,
 )
+from lightning_adamw.lognames import group_metric_name
 from lightning_adamw.registry import LAYER_GROUP_KEY
 from lightning_adamw.schedules import OneCycle, Schedule
 
@@ -37,7 +38,9 @@ class OneCycleWD(Callback):
        the schedule multiplier (``wd_convention="schedule"``, as written in the AdamW paper); nothing is decayed on
        a step that fp16 mixed precision skips,
     3. logs ``lr``, ``momentum`` and ``wd`` (the decay factor ``lr_t * wd`` actually applied, 0 on a skipped step)
-       to every logger; with several parameter groups the names are ``lr/pg0``, ``lr/pg1``, ...
+       to every logger; with several parameter groups the names are ``lr/pg0``, ``lr/pg1``, ...; a group whose
+       parameters are all frozen is logged at lr 0 (and wd 0). Lightning writes these every ``log_every_n_steps``
+       steps: a run shorter than that logs none (a warning says so).
 
     The step count is ``trainer.global_step`` (optimizer steps), so gradient accumulation, several devices and
     resuming all follow the same curve. The total is ``trainer.estimated_stepping_batches`` unless given.
@@ -53,6 +56,12 @@ class OneCycleWD(Callback):
         normalized: treat the weight decay as the AdamW paper's normalised ``lambda_norm`` and use
             ``lambda_norm * sqrt(b / (B * T))``; ``B * T / b`` is the number of optimizer steps of the run.
         log_values: log lr, momentum and weight decay.
+        weight_decay_timescale: set the decoupled decay by its timescale instead, in epochs: the weights are an
+            exponential moving average of the updates over ``tau = 1 / (lr * wd)`` optimizer steps (Wang & Aitchison
+            2024, arXiv:2405.13698, who find the best ``tau`` in epochs stable across model and data size), so each
+            group gets ``wd = 1 / (max_lr_g * weight_decay_timescale * steps_per_epoch)`` (``max_lr_g`` read as 1
+            under ``wd_convention="schedule"``). Every group is decayed; one that carries its own decay is refused.
+            The chosen values are printed and logged as ``weight_decay`` (``weight_decay/pg0``, ...).
 
     A module attribute ``lr_scale`` (float), when present, multiplies the lr of the current step (AWD-LSTM scales the
     lr by ``seq_len / bptt``); the decay in the ``"lr"`` convention uses the scaled lr.
@@ -74,6 +83,7 @@ class OneCycleWD(Callback):
         wd_convention: Literal["lr", "schedule"] = "lr",
         normalized: bool = False,
         log_values: bool = True,
+        weight_decay_timescale: float | None = None,
     ) -> None:
         super().__init__()
         if schedule is not None and not isinstance(schedule, Schedule):
@@ -89,6 +99,18 @@ class OneCycleWD(Callback):
             raise ValueError(
                 f"wd_convention must be 'lr' (lr_t * wd) or 'schedule' (eta_t * wd), got {wd_convention!r}."
             )
+        if weight_decay_timescale is not None:
+            if weight_decay_timescale <= 0:
+                raise ValueError(f"weight_decay_timescale must be a positive number of epochs, got "
+                                 f"{weight_decay_timescale}.")
+            if weight_decay is not None or normalized:
+                raise ValueError(
+                    "weight_decay_timescale sets the weight decay itself: drop "
+                    + ("weight_decay" if weight_decay is not None else "normalized=True")
+                    + " (or drop weight_decay_timescale to give the decay directly)."
+                )
+        self.weight_decay_timescale = weight_decay_timescale
+        self._steps_per_epoch: int | None = None
         self.schedule = schedule if schedule is not None else OneCycle()
         self.max_lr = max_lr
         self.total_steps = total_steps
@@ -166,7 +188,9 @@ class OneCycleWD(Callback):
         other = next((c for c in trainer.callbacks if isinstance(c, DecoupledDecay)), None)
         decayed = [type(o).__name__ for o in map(unwrap_optimizer, trainer.optimizers) if self._has_decay(o)]
         if other is not None and decayed:
-            source = f"its weight_decay={self.weight_decay}" if self.weight_decay else "the groups' decoupled_wd"
+            source = (f"its weight_decay={self.weight_decay}" if self.weight_decay
+                      else "its weight_decay_timescale" if self.weight_decay_timescale is not None
+                      else "the groups' decoupled_wd")
             raise MisconfigurationException(
                 f"OneCycleWD applies the decoupled weight decay of {', '.join(decayed)} ({source}) and DecoupledDecay "
                 "would apply it as well: decay must happen once. Remove DecoupledDecay: OneCycleWD decays with its "
@@ -180,7 +204,8 @@ class OneCycleWD(Callback):
                 f"This run was checkpointed with a {self._restored_total}-step OneCycleWD cycle but now has {total} "
                 "optimizer steps (max_epochs, max_steps, batch size, devices or accumulate_grad_batches changed). "
                 "Resume with the original settings, pass OneCycleWD(total_steps="
-                f"{self._restored_total}) to keep the old schedule, or start a new run without --ckpt_path."
+                f"{self._restored_total}) to keep the old schedule, or start a new run without ckpt_path "
+                "(CLI: --ckpt_path)."
             )
         optimizers = [unwrap_optimizer(o) for o in trainer.optimizers]
         for config in trainer.lr_scheduler_configs:
@@ -190,14 +215,42 @@ class OneCycleWD(Callback):
                     "also schedules that optimizer: two owners of the lr would fight. Return only the optimizer "
                     "from configure_optimizers and let OneCycleWD schedule it."
                 )
-        self.attach(optimizers, total)
+        steps_per_epoch = None
+        if self.weight_decay_timescale is not None:
+            if not math.isfinite(trainer.num_training_batches):
+                raise MisconfigurationException(
+                    "OneCycleWD(weight_decay_timescale=...) counts the timescale in epochs and needs the number of "
+                    "training batches per epoch, which this dataloader does not have (no __len__): give "
+                    "weight_decay instead."
+                )
+            steps_per_epoch = math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches)
+        self.attach(optimizers, total, steps_per_epoch)
+        if self.weight_decay_timescale is not None:
+            for idx in self._decays:
+                wds = self._group_decays(idx)
+                metrics = {group_metric_name("weight_decay", g, len(wds), idx, len(optimizers)): wd
+                           for g, wd in enumerate(wds)}
+                for logger in trainer.loggers:
+                    logger.log_metrics(metrics, step=trainer.global_step)
+        # Lightning writes on_step metrics every log_every_n_steps optimizer steps: a shorter run logs no curve
+        if self.log_values and trainer.loggers and total < trainer.log_every_n_steps:
+            self._warn_once(
+                "nolog",
+                f"Trainer(log_every_n_steps={trainer.log_every_n_steps}) is more than this run's {total} optimizer "
+                "steps: the loggers will receive no lr/momentum/wd values. Set log_every_n_steps to at most "
+                f"{total} (CLI: --trainer.log_every_n_steps 1) to see the schedule.",
+            )
 
-    def attach(self, optimizers: Sequence[Optimizer], total_steps: int) -> None:
+    def attach(self, optimizers: Sequence[Optimizer], total_steps: int, steps_per_epoch: int | None = None) -> None:
         """Take charge of ``optimizers`` for a run of ``total_steps`` optimizer steps.
 
         The Trainer hooks call this; a hand-written loop calls it once, then :meth:`apply` before each step.
+        ``steps_per_epoch`` (optimizer steps) is needed with ``weight_decay_timescale``.
         """
+        if self.weight_decay_timescale is not None and not steps_per_epoch:
+            raise ValueError("OneCycleWD(weight_decay_timescale=...) needs attach(..., steps_per_epoch=...).")
         self._total = int(total_steps)
+        self._steps_per_epoch = steps_per_epoch
         for idx, optimizer in enumerate(optimizers):
             if is_schedule_free(optimizer):
                 raise MisconfigurationException(
@@ -206,7 +259,6 @@ class OneCycleWD(Callback):
                     "lightning_adamw.ScheduleFreeEval(warmup=0.05), which warms it up and evaluates and saves its "
                     "averaged weights."
                 )
-            self._claim_decay(idx, optimizer)
             if self.schedule.cycles_momentum and not any(
                 k in optimizer.param_groups[0] for k in ("betas", "momentum")
             ):
@@ -219,10 +271,32 @@ class OneCycleWD(Callback):
                     optimizer, [self.max_lr] if isinstance(self.max_lr, (int, float)) else list(self.max_lr), "max_lr"
                 )
                 self._cycles[idx] = [{"start": 0, "max_lrs": [float(x) for x in lrs]}]
+            self._claim_decay(idx, optimizer)
+            if self.weight_decay_timescale is not None:
+                peaks = self._cycles[idx][0]["max_lrs"]
+                rank_zero_info(
+                    f"OneCycleWD: weight_decay_timescale {self.weight_decay_timescale:g} epochs x "
+                    f"{steps_per_epoch} steps/epoch at max lr {', '.join(f'{p:g}' for p in peaks)}: weight_decay "
+                    f"{', '.join(f'{wd:.4g}' for wd in self._group_decays(idx))}"
+                )
+
+    def _timescale_wd(self, idx: int, g: int, group: dict[str, Any]) -> float:
+        """The decay ``weight_decay_timescale`` sets for group ``g``; a group that carries its own is refused."""
+        own = group.get(DECOUPLED_WD_KEY) or group.get("weight_decay")
+        if own:
+            raise MisconfigurationException(
+                f"OneCycleWD(weight_decay_timescale={self.weight_decay_timescale:g}) sets the weight decay, but a "
+                f"parameter group already carries weight decay {own} (the optimizer's weight_decay): set that to 0 "
+                "(e.g. optimizer weight_decay: 0) or drop weight_decay_timescale."
+            )
+        assert self._steps_per_epoch is not None and self.weight_decay_timescale is not None
+        peak = self._cycles[idx][0]["max_lrs"][g] if self.wd_convention == "lr" else 1.0
+        return 1.0 / (peak * self.weight_decay_timescale * self._steps_per_epoch)
 
     def _has_decay(self, optimizer: Optimizer) -> bool:
         """Whether there is a decoupled decay for this callback to drive (a group's ``decoupled_wd``, or ours)."""
-        return bool(self.weight_decay) or any(g.get(DECOUPLED_WD_KEY, 0.0) for g in optimizer.param_groups)
+        return (bool(self.weight_decay) or self.weight_decay_timescale is not None
+                or any(g.get(DECOUPLED_WD_KEY, 0.0) for g in optimizer.param_groups))
 
     def _claim_decay(self, idx: int, optimizer: Optimizer) -> None:
         """Drive the optimizer's decoupled decay when there is one."""
@@ -230,7 +304,11 @@ class OneCycleWD(Callback):
             return  # nothing to decay: OneCycleWD only schedules (an optimizer's own weight_decay stays its own)
         plain = self.wd_convention == "lr" and not self.normalized  # the decay's default rate: the group's lr
         decay = DecoupledWeightDecay.attach(optimizer)
-        decay.claim(self, self.weight_decay, None if plain else functools.partial(self._decay_rate, idx))
+        rate = None if plain else functools.partial(self._decay_rate, idx)
+        if self.weight_decay_timescale is None:
+            decay.claim(self, self.weight_decay, rate)
+        else:
+            decay.claim(self, rate=rate, decide=functools.partial(self._timescale_wd, idx))
         self._decays[idx] = decay
 
     def _decay_rate(self, idx: int, group: dict[str, Any]) -> float:
@@ -316,6 +394,8 @@ class OneCycleWD(Callback):
         )
         self._stepping.add(idx)
         if self.log_values:
+            # a frozen group (no parameter trains, e.g. FreezeUnfreeze's body) is logged at lr 0, not as a cycle
+            lrs = [lr if trains else 0.0 for lr, trains in zip(lrs, _trains(optimizer))]
             self._log(pl_module, idx, len(optimizers), lrs, momentum)
 
     def on_train_batch_end(
@@ -327,27 +407,20 @@ class OneCycleWD(Callback):
             if decay is not None and self.log_values:
                 wds = decay.group_decays()
                 applied = decay.pop_applied() or [0.0] * len(wds)
-                names = self._names(idx, len(trainer.optimizers), len(wds))
-                for name, factor, wd in zip(names, applied, wds):
+                for g, (factor, wd, trains) in enumerate(zip(applied, wds, _trains(decay.optimizer))):
                     if wd > 0:
-                        pl_module.log(f"wd{name}", factor, on_step=True, on_epoch=False, prog_bar=False)
+                        name = group_metric_name("wd", g, len(wds), idx, len(trainer.optimizers))
+                        pl_module.log(name, factor if trains else 0.0, on_step=True, on_epoch=False, prog_bar=False)
         self._stepping.clear()
-
-    @staticmethod
-    def _names(idx: int, n_optimizers: int, n_groups: int) -> list[str]:
-        """Suffixes of the logged names: ``""`` (one group, one optimizer), ``/pg{g}`` or ``/opt{i}_pg{g}``."""
-        prefix = f"opt{idx}_" if n_optimizers > 1 else ""
-        if n_groups == 1 and not prefix:
-            return [""]
-        return [f"/{prefix}pg{g}" for g in range(n_groups)]
 
     def _log(
         self, pl_module: pl.LightningModule, idx: int, n_optimizers: int, lrs: list[float], momentum: float | None
     ) -> None:
-        for suffix, lr in zip(self._names(idx, n_optimizers, len(lrs)), lrs):
-            pl_module.log(f"lr{suffix}", lr, on_step=True, on_epoch=False, prog_bar=False)
-            if momentum is not None:
-                pl_module.log(f"momentum{suffix}", momentum, on_step=True, on_epoch=False, prog_bar=False)
+        for g, lr in enumerate(lrs):
+            for key, value in (("lr", lr), ("momentum", momentum)):
+                if value is not None:
+                    name = group_metric_name(key, g, len(lrs), idx, n_optimizers)
+                    pl_module.log(name, value, on_step=True, on_epoch=False, prog_bar=False)
 
     # ---------------------------------------------------------------- checkpointing
     def state_dict(self) -> dict[str, Any]:
@@ -361,3 +434,8 @@ class OneCycleWD(Callback):
         self._restored_total = state_dict.get("total_steps")
         self._cycles = {int(k): [dict(c) for c in v] for k, v in state_dict.get("cycles", {}).items()}
         self._boundaries = list(state_dict.get("boundaries", []))
+
+
+def _trains(optimizer: Optimizer) -> list[bool]:
+    """Whether each parameter group has a parameter that trains (``requires_grad``)."""
+    return [any(p.requires_grad for p in g["params"]) for g in optimizer.param_groups]

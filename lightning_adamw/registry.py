@@ -34,6 +34,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from lightning_adamw.backbones import backbone_layer_groups
 from lightning_adamw.decay import DECOUPLED_WD_KEY, DecoupledWeightDecay
 from lightning_adamw.muon import MuonAdamW, muon_split
 
@@ -41,6 +42,8 @@ WdMode = Literal["l2", "decoupled"]
 
 #: Parameter-group key holding the index of the layer group (for discriminative learning rates).
 LAYER_GROUP_KEY = "layer_group"
+#: ``OptimizerConfig``'s lr when none is given (torch.optim.Adam's default).
+DEFAULT_LR = 1e-3
 
 
 class OptionalFactory:
@@ -166,11 +169,12 @@ def available_optimizers() -> list[str]:
 
 
 def get_optimizer_entry(name: str) -> OptimizerEntry:
-    """The entry for ``name``; an unknown name raises with the valid names and the closest match."""
+    """The entry for ``name`` (any case: ``"AdamW"`` is ``adamw``); an unknown name raises with the valid names and
+    the closest match."""
     try:
-        return _REGISTRY[name]
+        return _REGISTRY[str(name).lower()]
     except KeyError:
-        close = difflib.get_close_matches(str(name), _REGISTRY, n=1)
+        close = difflib.get_close_matches(str(name).lower(), _REGISTRY, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise ValueError(
             f"Unknown optimizer {name!r}.{hint} Valid names: {', '.join(available_optimizers())}. "
@@ -232,7 +236,7 @@ def param_groups(
     params: nn.Module | Sequence[nn.Module] | Iterable[torch.Tensor],
     *,
     lr: float | Sequence[float],
-    weight_decay: float = 0.0,
+    weight_decay: float | Sequence[float] = 0.0,
     wd_mode: WdMode = "l2",
     exclude_bias_and_norm: bool = False,
     split: Callable[[str, torch.Tensor], Mapping[str, Any]] | None = None,
@@ -242,7 +246,8 @@ def param_groups(
     Args:
         params: a module, a list of modules (layer groups, e.g. body then head) or an iterable of parameters.
         lr: one learning rate, or one per layer group (discriminative learning rates).
-        weight_decay: the decay; where it goes depends on ``wd_mode`` (see the module docstring).
+        weight_decay: the decay, or one per layer group; where it goes depends on ``wd_mode`` (see the module
+            docstring).
         wd_mode: ``"l2"`` or ``"decoupled"``.
         exclude_bias_and_norm: no decay for biases and 1-d parameters (normalisation weights). The 2018 study
             decayed everything, hence the default ``False``.
@@ -256,13 +261,17 @@ def param_groups(
     lrs = [float(lr)] * len(groups) if isinstance(lr, (int, float)) else [float(x) for x in lr]
     if len(lrs) != len(groups):
         raise ValueError(f"Got {len(lrs)} learning rates for {len(groups)} layer groups; give one per group.")
-    if weight_decay < 0:
+    wds = ([float(weight_decay)] * len(groups) if isinstance(weight_decay, (int, float))
+           else [float(x) for x in weight_decay])
+    if len(wds) != len(groups):
+        raise ValueError(f"Got {len(wds)} weight decays for {len(groups)} layer groups; give one, or one per group.")
+    if min(wds) < 0:
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay}.")
     seen: set[int] = set()
     out: list[dict[str, Any]] = []
-    for index, (named, group_lr) in enumerate(zip(groups, lrs)):
+    for index, (named, group_lr, group_wd) in enumerate(zip(groups, lrs, wds)):
         for (no_decay, extra), plist in _buckets(named, seen, exclude_bias_and_norm, split):
-            wd = 0.0 if no_decay else weight_decay
+            wd = 0.0 if no_decay else group_wd
             out.append(
                 {
                     "params": plist,
@@ -299,12 +308,29 @@ def _buckets(
     return sorted(buckets.items(), key=lambda item: item[0][0])
 
 
+def even_mults(lo: float, hi: float, n: int) -> list[float]:
+    """``n`` values from ``lo`` to ``hi`` in geometric steps (fastai's ``even_mults``, what ``slice(lo, hi)`` means)."""
+    return [lo * (hi / lo) ** (i / (n - 1)) for i in range(n)] if n > 1 else [hi]
+
+
+def module_layer_groups(module: nn.Module) -> list[nn.Module] | None:
+    """``module.layer_groups()`` if it has the method, else the default split of the torchvision backbone it holds
+    (:func:`~lightning_adamw.backbone_layer_groups`), else ``None``."""
+    getter = getattr(module, "layer_groups", None)
+    if callable(getter):
+        return list(getter())
+    try:
+        return backbone_layer_groups(module)
+    except ValueError:
+        return None
+
+
 def build_optimizer(
     params: nn.Module | Sequence[nn.Module] | Iterable[torch.Tensor],
     name: str = "adam",
     *,
     lr: float | Sequence[float] = 1e-3,
-    weight_decay: float = 0.0,
+    weight_decay: float | Sequence[float] = 0.0,
     wd_mode: WdMode | None = None,
     exclude_bias_and_norm: bool = False,
     **kwargs: Any,
@@ -358,7 +384,7 @@ def _build(
     params: nn.Module | Sequence[nn.Module] | Iterable[torch.Tensor],
     *,
     lr: float | Sequence[float],
-    weight_decay: float,
+    weight_decay: float | Sequence[float],
     exclude_bias_and_norm: bool,
     **kwargs: Any,
 ) -> Optimizer:
@@ -373,7 +399,7 @@ def _build(
         for group in groups:
             group["weight_decay"], group[DECOUPLED_WD_KEY] = group[DECOUPLED_WD_KEY], 0.0
     optimizer = entry.factory(groups, lr=groups[0]["lr"], **_options(entry, kwargs))
-    if mode == "decoupled" and weight_decay > 0 and not owned_by_optimizer:
+    if mode == "decoupled" and any(g[DECOUPLED_WD_KEY] > 0 for g in groups) and not owned_by_optimizer:
         DecoupledWeightDecay.attach(optimizer)
     return optimizer
 
@@ -383,10 +409,16 @@ class OptimizerConfig:
     """An optimizer chosen by name, as it appears in a config file.
 
     Args:
-        name: a registry name (``sgd``, ``sgdw``, ``adam``, ``adamw``, ``amsgrad``, ``rmsprop``, ``muon``; ``lion``,
-            ``schedulefree_adamw`` with the ``optim`` extra; or one you added).
-        lr: the (maximum) learning rate, or one per layer group for discriminative learning rates.
-        weight_decay: weight decay (``wd`` in the study); see ``wd_mode``.
+        name: a registry name, any case (``sgd``, ``sgdw``, ``adam``, ``adamw``, ``amsgrad``, ``rmsprop``, ``muon``;
+            ``lion``, ``schedulefree_adamw`` with the ``optim`` extra; or one you added).
+        lr: the (maximum) learning rate, or one per layer group for discriminative learning rates; default 1e-3.
+        lr_range: ``(lo, hi)``, fastai's ``lr=slice(lo, hi)``: layer group ``i`` of ``n`` (body first) gets
+            ``lo * (hi / lo) ** (i / (n - 1))``, a geometric spread from ``lo`` to ``hi`` (fastai's ``even_mults``).
+            Replaces ``lr``.
+        layer_decay: timm's ``layer_decay``: layer group ``i`` of ``n`` gets ``lr * layer_decay ** (n - 1 - i)``, so
+            the head keeps ``lr`` and each group below it is ``layer_decay`` times slower (timm's
+            ``param_groups_layer_decay``; ViT fine-tuning uses 0.65-0.75). Needs a single ``lr``.
+        weight_decay: weight decay (``wd`` in the study), or one per layer group; see ``wd_mode``.
         wd_mode: ``"l2"`` or ``"decoupled"``; ``None`` takes the name's default (``adamw``/``sgdw``: decoupled).
         betas: Adam's ``(beta1, beta2)``; the 2018 recipes use beta2 = 0.99.
         momentum: SGD/RMSprop/Muon momentum.
@@ -395,14 +427,20 @@ class OptimizerConfig:
         kwargs: any other optimizer argument (``nesterov``, ``alpha``, ...), and for ``muon`` the split overrides
             ``muon_params`` / ``adamw_params`` (see :func:`lightning_adamw.muon.muon_split`).
 
+    ``lr_range`` and ``layer_decay`` need the layer groups: build over a list of modules (body first, head last) or
+    a module with a ``layer_groups()`` method returning them.
+
     Example::
 
         OptimizerConfig("adam", lr=3e-3, betas=(0.95, 0.99), weight_decay=0.1, wd_mode="decoupled").build(model)
+        OptimizerConfig("adamw", lr_range=(3e-3 / 9, 3e-3)).build(model)  # 3 groups: 3e-3/9, 3e-3/3, 3e-3
     """
 
     name: str = "adam"
-    lr: float | list[float] = 1e-3
-    weight_decay: float = 0.0
+    lr: float | list[float] | None = None
+    lr_range: tuple[float, float] | None = None
+    layer_decay: float | None = None
+    weight_decay: float | list[float] = 0.0
     wd_mode: WdMode | None = None
     betas: tuple[float, float] | None = None
     momentum: float | None = None
@@ -411,15 +449,37 @@ class OptimizerConfig:
     kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        # plain values whatever built the config (Hydra passes its ListConfig containers)
+        self.name = get_optimizer_entry(self.name).name
+        self.lr = [float(x) for x in self.lr] if isinstance(self.lr, Sequence) else self.lr
+        self.betas = None if self.betas is None else tuple(float(b) for b in self.betas)
+        self.lr_range = None if self.lr_range is None else tuple(float(x) for x in self.lr_range)
         entry, _ = self._resolve()
         if isinstance(entry.factory, OptionalFactory):
             try:
                 entry.factory.resolve()
             except ImportError as err:
                 raise ValueError(f"Optimizer {self.name!r}: {err}") from None
-        lrs = [self.lr] if isinstance(self.lr, (int, float)) else list(self.lr)
+        lrs = [DEFAULT_LR if self.lr is None else self.lr] if not isinstance(self.lr, Sequence) else list(self.lr)
         if not lrs or any(x <= 0 for x in lrs):
             raise ValueError(f"lr must be positive (one value or one per layer group), got {self.lr}.")
+        if self.lr_range is not None:
+            if self.lr is not None or self.layer_decay is not None:
+                given = "lr" if self.lr is not None else "layer_decay"
+                raise ValueError(
+                    f"lr_range={list(self.lr_range)} sets every layer group's lr (fastai's slice(lo, hi)), so {given} "
+                    f"would be ignored: give lr_range alone, or drop it and give {given}."
+                )
+            if len(self.lr_range) != 2 or not 0 < self.lr_range[0] <= self.lr_range[1]:
+                raise ValueError(f"lr_range must be [lo, hi] with 0 < lo <= hi, got {self.lr_range}.")
+        if self.layer_decay is not None:
+            if len(lrs) > 1:
+                raise ValueError(
+                    f"layer_decay={self.layer_decay} derives each group's lr from one lr (the head's), but lr is the "
+                    f"list {self.lr}: give a single lr, or drop layer_decay and keep the list."
+                )
+            if self.layer_decay <= 0:
+                raise ValueError(f"layer_decay must be positive (timm uses 0.65-0.9), got {self.layer_decay}.")
         if self.betas is not None and not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"betas must lie in [0, 1), got {self.betas}.")
 
@@ -437,12 +497,39 @@ class OptimizerConfig:
         """The weight-decay mode after applying the name's default."""
         return self._resolve()[1]
 
+    def group_lrs(self, n_groups: int) -> list[float]:
+        """The lr of each of ``n_groups`` layer groups, body first."""
+        if self.lr_range is not None:
+            return even_mults(*self.lr_range, n_groups)
+        if isinstance(self.lr, Sequence):
+            return [float(x) for x in self.lr]
+        lr = DEFAULT_LR if self.lr is None else float(self.lr)
+        decay = 1.0 if self.layer_decay is None else self.layer_decay
+        return [lr * decay ** (n_groups - 1 - i) for i in range(n_groups)]
+
+    def _layer_groups(self, params: nn.Module | Sequence[nn.Module] | Iterable[torch.Tensor]) -> list[nn.Module]:
+        option = "lr_range" if self.lr_range is not None else "layer_decay"
+        groups = module_layer_groups(params) if isinstance(params, nn.Module) else _layer_group_modules(params)
+        if groups is None or len(groups) < 2:
+            what = (f"{type(params).__name__} has no layer_groups() method and holds no torchvision backbone"
+                    if isinstance(params, nn.Module) else "the parameters are not a list of at least two modules")
+            raise ValueError(
+                f"{option} spreads the lr over layer groups, but {what}. Build over a list of modules, body first "
+                "(.build([model.body, model.head])), or give the module a layer_groups() method returning them "
+                "(lightning_adamw.backbone_layer_groups(net) splits torchvision ResNets, EfficientNets, ConvNeXts)."
+            )
+        return groups
+
     def build(self, params: nn.Module | Sequence[nn.Module] | Iterable[torch.Tensor]) -> Optimizer:
         """The optimizer over a module, a list of layer-group modules, or parameters."""
         extra = {k: v for k, v in (("betas", self.betas), ("momentum", self.momentum), ("eps", self.eps))
                  if v is not None}
+        lr: float | list[float] = DEFAULT_LR if self.lr is None else self.lr
+        if self.lr_range is not None or self.layer_decay is not None:
+            params = self._layer_groups(params)
+            lr = self.group_lrs(len(params))
         entry, mode = self._resolve()
-        return _build(entry, mode, params, lr=self.lr, weight_decay=self.weight_decay,
+        return _build(entry, mode, params, lr=lr, weight_decay=self.weight_decay,
                       exclude_bias_and_norm=self.exclude_bias_and_norm, **extra, **self.kwargs)
 
 

@@ -13,8 +13,8 @@ import yaml
 
 from lightning_adamw import OneCycleWD
 from lightning_adamw.cli import main
-from lightning_adamw.compare import deep_merge
 from lightning_adamw.decay import DECOUPLED_WD_KEY, DecoupledWeightDecay
+from lightning_adamw.experiments.runs import deep_merge
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ["wikitext2_awd_lstm.yaml", "wikitext2_qrnn.yaml", "wikitext2_small.yaml"]
