@@ -17,6 +17,7 @@ Validation is the test set, as in the study, unless ``val_size`` holds images ou
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -114,32 +115,68 @@ class DeviceBatches:
     epoch from its seed; Lightning calls ``sampler.set_epoch`` at every epoch, as for a ``DataLoader``, and reads
     ``batch_sampler`` beside it, hence that attribute).
 
+    The loader resumes mid-epoch exactly: its ``state_dict`` (which Lightning saves in the checkpoint's loop state)
+    holds the epoch, the number of batches served in it and the state of the augmentation ``generator``; after
+    ``load_state_dict`` the next pass over that epoch skips the served batches, and the augmentation continues with
+    the draws the uninterrupted run would have made.
+
     Args:
         images: ``(N, 3, 32, 32)`` uint8 images.
         labels: ``(N,)`` int64 labels on the same device.
         batch_size: images per batch.
         sampler: yields the indices of one epoch.
         drop_last: drop the last, incomplete batch.
+        generator: the generator of the training augmentation's draws, saved and restored with the position.
     """
 
     def __init__(self, images: Tensor, labels: Tensor, batch_size: int, sampler: DistributedSampler | range,
-                 drop_last: bool) -> None:
+                 drop_last: bool, generator: torch.Generator | None = None) -> None:
         self.images = images
         self.labels = labels
         self.batch_size = batch_size
         self.sampler = sampler
         self.batch_sampler = None
         self.drop_last = drop_last
+        self.generator = generator
+        self._epoch = 0
+        self._served = 0
+        self._resume: tuple[int, int] | None = None  # (epoch, batches served) from a checkpoint
 
     def __len__(self) -> int:
         n = len(self.sampler)
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
     def __iter__(self) -> Any:
+        self._epoch = getattr(self.sampler, "epoch", 0)
+        resume, self._resume = self._resume, None
+        self._served = resume[1] if resume is not None and resume[0] == self._epoch else 0
         order = torch.tensor(list(self.sampler), dtype=torch.long, device=self.images.device)
-        for i in range(len(self)):
+        for i in range(self._served, len(self)):
             index = order[i * self.batch_size:(i + 1) * self.batch_size]
+            self._served = i + 1  # counted when handed out: Lightning fetches a sized loader's batches one by one
             yield self.images[index], self.labels[index]
+
+    def _rank(self) -> int:
+        return getattr(self.sampler, "rank", 0)
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"epoch": self._epoch, "served": self._served, "rank": self._rank()}
+        if self.generator is not None:
+            state["generator"] = self.generator.get_state()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._resume = (int(state["epoch"]), int(state["served"]))
+        if self.generator is None or "generator" not in state:
+            return
+        if int(state.get("rank", 0)) == self._rank():
+            self.generator.set_state(state["generator"])
+            return
+        # a checkpoint holds rank 0's loader state only: the other ranks draw from a seed of their own and position
+        self.generator.manual_seed(self.generator.initial_seed() + 1_000_003 * (1 + self._resume[0]) + self._resume[1])
+        warnings.warn(f"DeviceBatches on rank {self._rank()}: the checkpoint holds rank {state.get('rank', 0)}'s "
+                      "augmentation state; this rank resumes with fresh augmentation draws (the data order is exact).",
+                      stacklevel=2)
 
 
 class PILImages(Dataset):
@@ -310,7 +347,7 @@ class CIFAR10DataModule(LightningDataModule):
                                       seed=self.seed, drop_last=True)
                    if train else range(rank, len(labels), world_size))
         return DeviceBatches(images.to(device), labels.to(device), self.batch_size, sampler,
-                             drop_last=train and self.drop_last)
+                             drop_last=train and self.drop_last, generator=self._augment_generator if train else None)
 
     def train_dataloader(self) -> DeviceBatches | DataLoader:
         return self._loader("train", train=True)

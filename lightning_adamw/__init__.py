@@ -6,6 +6,7 @@ entry point ``python -m lightning_adamw``.
 """
 
 import lightning_adamw._distributed  # noqa: F401  (destroys a gloo process group at exit; see the module)
+from lightning_adamw.checkpoint import RunCheckpoint
 from lightning_adamw.decay import DecoupledDecay
 from lightning_adamw.divergence import DivergenceError, DivergenceGuard
 from lightning_adamw.finetuning import FreezeUnfreeze
@@ -38,6 +39,7 @@ __all__ = [
     "OptimizerConfig",
     "OptimizerEntry",
     "Phase",
+    "RunCheckpoint",
     "RunInterrupted",
     "SaveOnInterrupt",
     "Schedule",

@@ -94,6 +94,16 @@ def _optimizer_configs(node: Any, path: str = "") -> Iterator[tuple[str, Namespa
 _OPTIMIZER_FIELDS = {f.name for f in fields(OptimizerConfig)}
 
 
+def _optimizer_values(config: Namespace) -> dict[str, dict[str, Any]]:
+    """The model's OptimizerConfig namespaces as plain values, by dotted key."""
+    def plain(value: Any) -> Any:
+        return plain(value.as_dict()) if isinstance(value, Namespace) else list(value) if isinstance(
+            value, tuple) else value
+
+    return {f"model.{key}": {k: plain(node[k]) for k in sorted(_OPTIMIZER_FIELDS)}
+            for key, node in _optimizer_configs(config.get("model"))}
+
+
 class AdamWTrainer(Trainer):
     """Lightning's Trainer plus the ``lr_find`` subcommand."""
 
@@ -185,6 +195,23 @@ class AdamWCLI(LightningCLI):
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
         return {**LightningCLI.subcommands(), "lr_find": {"model", "datamodule"}}
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI replaces the model's arguments by the checkpoint's saved hyperparameters; a resumed fit
+        # continues the checkpoint's optimizer and its state, so another optimizer on the command line is refused
+        # rather than silently dropped
+        subcommand = self.config.get("subcommand")
+        asked = _optimizer_values(self.config[subcommand]) if subcommand == "fit" else {}
+        super()._parse_ckpt_path()
+        saved = _optimizer_values(self.config[subcommand]) if subcommand == "fit" else {}
+        for key, wanted in asked.items():
+            changes = [f"{k}: {saved[key][k]!r} -> {v!r}" for k, v in wanted.items() if saved[key][k] != v]
+            if changes:
+                self.parser.error(
+                    f"--ckpt_path {self.config[subcommand].ckpt_path} was trained with another optimizer than this "
+                    f"command's {key} ({'; '.join(changes)}). Resuming continues the checkpoint's optimizer and its "
+                    "state: drop the change to resume, or start a new run without --ckpt_path."
+                )
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
