@@ -120,10 +120,10 @@ class SaveOnInterrupt(Callback):
         stateless = [type(dl).__name__ for dl in loaders if not callable(getattr(dl, "load_state_dict", None))]
         if stateless:
             rank_zero_warn(
-                f"Resuming mid-epoch (epoch {trainer.current_epoch}, step {trainer.global_step}) with a training loader "
-                f"without state_dict()/load_state_dict() ({stateless[0]}): the rest of this epoch restarts from the "
-                "first batch of a new pass over the data, so some of its batches are seen twice and others not at "
-                "all; a loader with that state resumes exactly."
+                f"Resuming mid-epoch (epoch {trainer.current_epoch}, step {trainer.global_step}) with a training "
+                f"loader without state_dict()/load_state_dict() ({stateless[0]}): the rest of this epoch restarts "
+                "from the first batch of a new pass over the data, so some of its batches are seen twice and others "
+                "not at all; a loader with that state resumes exactly."
             )
             # Lightning's own warning about this case, which says less
             warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
