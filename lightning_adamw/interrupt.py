@@ -24,12 +24,13 @@ class SaveOnInterrupt(Callback):
 
     The signal only raises a flag; at the end of the next training batch that completed an optimizer step (so no
     gradient-accumulation window is cut in half) the callback writes ``last.ckpt`` into the ModelCheckpoint folder
-    and ends the run by raising :class:`RunInterrupted` (a ``SystemExit`` with status 0), so that no end-of-epoch
-    hook marks the half-done epoch as finished. The message says how to continue: ``--ckpt_path last`` (with
-    :class:`~lightning_adamw.RunCheckpoint`, which finds the run again) or the checkpoint's path, and the same for
-    ``trainer.fit(..., ckpt_path=...)``. With a resumable dataloader (one with ``state_dict``/``load_state_dict``,
-    which Lightning saves in the checkpoint) the resumed run continues mid-epoch exactly where it stopped; resuming
-    mid-epoch with any other loader says, in one line, that the epoch restarts from its first batch.
+    and, once Lightning has logged that step, ends the run by raising :class:`RunInterrupted` (a ``SystemExit`` with
+    status 0) at the start of the next batch, so that no end-of-epoch hook marks the half-done epoch as finished.
+    The message says how to continue: ``--ckpt_path last`` (with :class:`~lightning_adamw.RunCheckpoint`, which
+    finds the run again) or the checkpoint's path, and the same for ``trainer.fit(..., ckpt_path=...)``. With a
+    resumable dataloader (one with ``state_dict``/``load_state_dict``, which Lightning saves in the checkpoint) the
+    resumed run continues mid-epoch exactly where it stopped; resuming mid-epoch with any other loader says, in one
+    line, that the rest of the epoch restarts from a first batch.
     Under DDP the ranks agree on the step before anyone stops. A second Ctrl-C while waiting interrupts at once.
 
     Args:
@@ -50,6 +51,7 @@ class SaveOnInterrupt(Callback):
         self._previous: dict[int, Any] = {}
         self._step_at_batch_start = 0
         self._at_epoch_end = False
+        self._stop_message: str | None = None
 
     @staticmethod
     def _signum(name: str) -> signal.Signals:
@@ -72,7 +74,7 @@ class SaveOnInterrupt(Callback):
         self._previous = {}
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.requested, self._at_epoch_end = None, False
+        self.requested, self._at_epoch_end, self._stop_message = None, False, None
         self._say_how_the_epoch_resumes(trainer)
         if threading.current_thread() is not threading.main_thread():
             rank_zero_warn("SaveOnInterrupt can only catch signals in the main thread; it is inactive here.")
@@ -83,7 +85,11 @@ class SaveOnInterrupt(Callback):
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
+        self._exit_if_saved()
         self._step_at_batch_start = trainer.global_step
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._exit_if_saved()
 
     def checkpoint_path(self, trainer: pl.Trainer) -> Path:
         """Where the interrupted run is saved: the ModelCheckpoint folder, else the trainer's root folder."""
@@ -104,11 +110,11 @@ class SaveOnInterrupt(Callback):
         if batch_idx + 1 >= trainer.num_training_batches:
             self._at_epoch_end = True  # the epoch's last step: save once the epoch is closed, as checkpoints expect
             return
-        self._save_and_exit(trainer)
+        self._save(trainer)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._at_epoch_end:
-            self._save_and_exit(trainer)
+        if self._at_epoch_end and self._stop_message is None:
+            self._save(trainer)
 
     @staticmethod
     def _say_how_the_epoch_resumes(trainer: pl.Trainer) -> None:
@@ -128,17 +134,24 @@ class SaveOnInterrupt(Callback):
             # Lightning's own warning about this case, which says less
             warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
 
-    def _save_and_exit(self, trainer: pl.Trainer) -> None:
+    def _save(self, trainer: pl.Trainer) -> None:
+        # the run stops at the next batch or epoch start, after Lightning has logged this step (or epoch)
         self.saved_path = self.checkpoint_path(trainer)
         trainer.save_checkpoint(self.saved_path)
-        message = (
+        self._stop_message = (
             f"Stopped by {self.requested or 'a signal on another rank'} after step {trainer.global_step}; saved "
             f"{self.saved_path}. To continue, {resume_paths(trainer, self.saved_path)}."
         )
-        rank_zero_info(message)
-        raise RunInterrupted(0)
+
+    def _exit_if_saved(self) -> None:
+        if self._stop_message is not None:
+            rank_zero_info(self._stop_message)
+            raise RunInterrupted(0)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._stop_message is not None:
+            rank_zero_info(f"{self.requested or 'A signal'} arrived at the run's last step: it is complete "
+                           f"(saved {self.saved_path}).")
         self._restore()
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:

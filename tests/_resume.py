@@ -48,6 +48,7 @@ class ScoredModel(TinyCLIModel):
 
     def __init__(self, optimizer: OptimizerConfig | None = None, scores: list[float] | None = None) -> None:
         super().__init__(optimizer)
+        self.save_hyperparameters()  # as the zoo's models do: LightningCLI reads them back from a checkpoint
         self.scores = scores
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
@@ -55,3 +56,31 @@ class ScoredModel(TinyCLIModel):
         loss = nn.functional.mse_loss(self(x), y)
         score = torch.tensor(self.scores[self.current_epoch]) if self.scores else -loss
         self.log_dict({"val/loss": loss, "val/acc": score, "val/acc_tta": score})
+
+
+class ThreeGroupModel(ScoredModel):
+    """ScoredModel with three layer groups (Linear+BatchNorm, Linear, head), as the Cars ResNet-50's three."""
+
+    def __init__(self, optimizer: OptimizerConfig | None = None, scores: list[float] | None = None) -> None:
+        super().__init__(optimizer, scores)
+        torch.manual_seed(0)
+        self.net = nn.Sequential(
+            nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.Tanh()),
+            nn.Sequential(nn.Linear(16, 16), nn.Tanh()),
+            nn.Linear(16, 1),
+        ).double()
+
+    def layer_groups(self) -> list[nn.Module]:
+        return list(self.net)
+
+
+class Trainable(pl.Callback):
+    """Records, at every training batch, whether each body group's parameters train and its BatchNorm mode."""
+
+    def __init__(self) -> None:
+        self.seen: dict[int, tuple[bool, bool]] = {}
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        body = pl_module.layer_groups()[:-1]
+        self.seen[trainer.global_step] = (all(p.requires_grad for g in body for p in g.parameters()),
+                                          pl_module.net[0][1].training)
