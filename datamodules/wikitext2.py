@@ -208,9 +208,10 @@ class TokenBatch(NamedTuple):
 def sample_seq_lens(num: int, bptt: int, budget: int, generator: torch.Generator) -> list[int]:
     """``num`` AWD-LSTM sequence lengths summing to at most ``budget``.
 
-    Each is ``N(bptt, 5)`` with probability 0.95, else ``N(bptt / 2, 5)``, at least 5 and at most ``bptt + 40``
-    (AWD-LSTM ``main.py``, ``max_seq_len_delta=40``). Draws that overrun the stream are redrawn, so every epoch has
-    the same number of windows.
+    Each is ``N(bptt, 5)`` with probability 0.95, else ``N(bptt / 2, 5)``, at least 5 (awd-lstm-lm ``main.py`` and
+    fastai 0.7's ``LanguageModelLoader``). The cap at ``bptt + 40`` is this project's guard against a runaway window
+    (neither source has one; it lies 8 standard deviations out, so it never binds at the recipe's bptt). Draws that
+    overrun the stream are redrawn, so every epoch has the same number of windows.
     """
     for _ in range(1000):
         half = torch.rand(num, generator=generator) >= 0.95

@@ -23,13 +23,18 @@ class FreezeUnfreeze(BaseFinetuning):
     optimizer and the decay skip them). For ``unfreeze_at_epoch`` epochs every group but the head is frozen, with its
     BatchNorm layers in eval mode (running statistics used, not updated); at that epoch the body is unfrozen and,
     when a :class:`~lightning_adamw.OneCycleWD` callback is present, a fresh cycle starts with ``lrs`` as its peaks
-    (OneCycleWD stays the one owner of the lrs). Without OneCycleWD the groups' lrs are set to ``lrs``.
+    (OneCycleWD stays the one owner of the lrs). Without OneCycleWD the groups' lrs are set to ``lrs``. At the
+    unfreeze the optimizer's state (Adam's moments and step counts, SGD's momentum buffers) is cleared by default, so
+    the second phase starts from a fresh optimizer as the study's fastai 0.7 code did (it built a new one);
+    ``reset_optimizer_state=False`` carries the head's state over.
 
     Args:
         unfreeze_at_epoch: the epoch at which the body is unfrozen (Cars recipe: 20).
         lrs: the peak lr of each layer group after unfreezing, body first (Cars recipe ``[3e-3/9, 3e-3/3, 3e-3]``);
             one value applies to all groups; ``None`` keeps the first cycle's peaks.
         train_bn: keep training the frozen groups' BatchNorm layers (fastai's ``train_bn``); default eval mode.
+        reset_optimizer_state: clear the optimizer's per-parameter state at the unfreeze (a fresh optimizer, as the
+            study and fastai's ``unfreeze``, which calls ``opt.clear_state()``); ``False`` keeps it.
 
     Example::
 
@@ -37,7 +42,8 @@ class FreezeUnfreeze(BaseFinetuning):
         trainer = Trainer(max_epochs=60, callbacks=[OneCycleWD(OneCycle2018(pct=0.1)), unfreeze])
     """
 
-    def __init__(self, unfreeze_at_epoch: int, lrs: float | list[float] | None = None, train_bn: bool = False) -> None:
+    def __init__(self, unfreeze_at_epoch: int, lrs: float | list[float] | None = None, train_bn: bool = False,
+                 reset_optimizer_state: bool = True) -> None:
         super().__init__()
         if unfreeze_at_epoch < 0:
             raise ValueError(f"unfreeze_at_epoch must be >= 0, got {unfreeze_at_epoch}.")
@@ -47,6 +53,7 @@ class FreezeUnfreeze(BaseFinetuning):
         self.unfreeze_at_epoch = unfreeze_at_epoch
         self.lrs = lr_list
         self.train_bn = train_bn
+        self.reset_optimizer_state = reset_optimizer_state
         self._cycle_started = False
 
     def state_dict(self) -> dict[str, Any]:
@@ -120,6 +127,8 @@ class FreezeUnfreeze(BaseFinetuning):
         if self._cycle_started:
             return  # a resumed run: the fresh cycle is already in OneCycleWD's restored state
         self._cycle_started = True
+        if self.reset_optimizer_state:
+            optimizer.state.clear()  # torch optimizers build a parameter's state afresh at its next step
         if onecycle is not None:
             onecycle.start_cycle(trainer, self.lrs, optimizer_idx=idx)
         elif self.lrs is not None:
