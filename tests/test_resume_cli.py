@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -30,12 +31,16 @@ def _no_pytest_argv(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sys, "argv", ["lightning_adamw"])
 
 
-def trainer_section(config: Path, tmp_path: Path) -> Path:
-    """The config's ``trainer`` section alone (its logger pointed into ``tmp_path``), for a tiny model and data."""
+def trainer_section(config: Path, tmp_path: Path, max_epochs: int = 2, **callback_args: dict[str, Any]) -> Path:
+    """The config's ``trainer`` section alone (its logger pointed into ``tmp_path``), for a tiny model and data;
+    ``callback_args`` (by short class name) update init_args of the config's callbacks."""
     trainer = yaml.safe_load(config.read_text())["trainer"]
     if isinstance(trainer.get("logger"), dict):
         trainer["logger"]["init_args"]["save_dir"] = str(tmp_path / "runs")
-    trainer.update(default_root_dir=str(tmp_path / "root"), max_epochs=2, log_every_n_steps=1)
+    for callback in trainer["callbacks"]:
+        callback.setdefault("init_args", {}).update(callback_args.get(callback["class_path"].rsplit(".", 1)[-1], {}))
+    trainer.update(default_root_dir=str(tmp_path / "root"), max_epochs=max_epochs, log_every_n_steps=1)
+    tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / config.name
     path.write_text(yaml.safe_dump({"seed_everything": 0, "trainer": trainer}))
     return path
@@ -187,3 +192,32 @@ def test_a_loader_without_state_says_how_the_epoch_resumes(tmp_path: Path) -> No
                     "state_dict()/load_state_dict() (DataLoader): the rest of this epoch restarts from the first "
                     "batch of a new pass over the data, so some of its batches are seen twice and others not at "
                     "all; a loader with that state resumes exactly."]
+
+
+def test_cars_callbacks_resumed_after_the_unfreeze_keep_training_the_whole_network(tmp_path: Path) -> None:
+    """configs/cars.yaml's OneCycleWD + FreezeUnfreeze (unfreeze after epoch 1 of 3 here) on a three-group model
+    with a resumable loader, SIGTERM mid-way through the first unfrozen epoch and the printed rerun: the body stays
+    unfrozen (its BatchNorm training), the groups keep the unfrozen discriminative lrs of the fresh cycle, and the
+    run ends with the weights of a run never stopped (Lightning's BaseFinetuning re-freezes a resumed body first,
+    Lightning issue #21901)."""
+    def args(name: str) -> list[str]:
+        config = trainer_section(ROOT / "configs" / "cars.yaml", tmp_path / name, max_epochs=3,
+                                 FreezeUnfreeze={"unfreeze_at_epoch": 1})
+        return ["fit", "--config", str(config), *TINY, "--model", "_resume.ThreeGroupModel",
+                "--data", "_tiny.TinyResumableData", "--trainer.callbacks+=_resume.Trainable"]
+
+    full = main(args("full"))
+    with pytest.raises(SystemExit):
+        main([*args("cut"), "--trainer.callbacks+=_resume.SignalAt", "--trainer.callbacks.init_args.step", "11"])
+    resumed = main([*args("cut"), "--ckpt_path", "last"])
+
+    seen = next(c for c in resumed.trainer.callbacks if type(c).__name__ == "Trainable").seen
+    assert sorted(seen) == list(range(12, 24))  # resumed after step 12, mid-way through epoch 1 (steps 8-15)
+    assert all(trainable and bn_training for trainable, bn_training in seen.values()), seen
+    logged = {name: scalars(Path(cli.trainer.log_dir)) for name, cli in (("full", full), ("cut", resumed))}
+    lrs = [{step: lr for step, lr in logged["cut"][f"lr/pg{i}"].items() if step >= 12} for i in range(3)]
+    for step in range(12, 24):  # the Cars recipe's [3e-3/9, 3e-3/3, 3e-3], scaled by one multiplier
+        assert [lr[step] / lrs[2][step] for lr in lrs] == pytest.approx([1 / 9, 1 / 3, 1], rel=1e-5)
+        assert [lr[step] for lr in lrs] == [logged["full"][f"lr/pg{i}"][step] for i in range(3)]
+    for key, value in full.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[key], value, rtol=0, atol=0, msg=key)
