@@ -14,8 +14,10 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 from jsonargparse import Namespace
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.tuner import Tuner
 
@@ -204,14 +206,35 @@ class AdamWCLI(LightningCLI):
         asked = _optimizer_values(self.config[subcommand]) if subcommand == "fit" else {}
         super()._parse_ckpt_path()
         saved = _optimizer_values(self.config[subcommand]) if subcommand == "fit" else {}
+        self._refuse_changes(self.config[subcommand].ckpt_path if subcommand else None, asked, saved)
+
+    def _refuse_changes(self, ckpt_path: str | None, asked: dict[str, dict[str, Any]],
+                        saved: dict[str, dict[str, Any]]) -> None:
         for key, wanted in asked.items():
-            changes = [f"{k}: {saved[key][k]!r} -> {v!r}" for k, v in wanted.items() if saved[key][k] != v]
+            changes = [f"{k}: {saved[key][k]!r} -> {v!r}" for k, v in wanted.items()
+                       if key in saved and k in saved[key] and saved[key][k] != v]
             if changes:
                 self.parser.error(
-                    f"--ckpt_path {self.config[subcommand].ckpt_path} was trained with another optimizer than this "
-                    f"command's {key} ({'; '.join(changes)}). Resuming continues the checkpoint's optimizer and its "
-                    "state: drop the change to resume, or start a new run without --ckpt_path."
+                    f"--ckpt_path {ckpt_path} was trained with another optimizer than this command's {key} "
+                    f"({'; '.join(changes)}). Resuming continues the checkpoint's optimizer and its state: drop the "
+                    "change to resume, or start a new run without --ckpt_path."
                 )
+
+    def before_fit(self) -> None:
+        # ``--ckpt_path last`` is found only now that the trainer exists, and LightningCLI applies no saved
+        # hyperparameters for it: compare the model's optimizer with the one saved in that checkpoint
+        if self.config.fit.get("ckpt_path") != "last":
+            return
+        found = {p for cb in self.trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)
+                 for p in cb._find_last_checkpoints(self.trainer)}
+        if not found:
+            return
+        path = max(found, key=lambda p: Path(p).stat().st_mtime)
+        hparams = torch.load(path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
+        asked = _optimizer_values(self.config.fit)
+        saved = {key: hparams[key.rsplit(".", 1)[-1]] for key in asked
+                 if isinstance(hparams.get(key.rsplit(".", 1)[-1]), dict)}
+        self._refuse_changes(path, asked, saved)
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config

@@ -149,13 +149,15 @@ def interrupted_run(config: str, tmp_path: Path, *extra: str) -> tuple[list[str]
     return args, saved
 
 
-def test_resuming_with_another_optimizer_is_refused_naming_both(tmp_path: Path,
-                                                                 capsys: pytest.CaptureFixture) -> None:
+@pytest.mark.parametrize("given", ["path", "last"])
+def test_resuming_with_another_optimizer_is_refused_naming_both(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                                 given: str) -> None:
     args, saved = interrupted_run("quickstart", tmp_path, "--model.optimizer.name", "adam",
                                   "--model.optimizer.lr", "3e-3")
     capsys.readouterr()
     with pytest.raises(SystemExit) as refused:
-        main([*args, "--model.optimizer.name", "sgd", "--model.optimizer.lr", "0.1", "--ckpt_path", str(saved)])
+        main([*args, "--model.optimizer.name", "sgd", "--model.optimizer.lr", "0.1",
+              "--ckpt_path", str(saved) if given == "path" else "last"])
     assert refused.value.code == 2
     err = capsys.readouterr().err
     assert (f"--ckpt_path {saved} was trained with another optimizer than this command's model.init_args.optimizer "
