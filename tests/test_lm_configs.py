@@ -13,7 +13,7 @@ import yaml
 
 from lightning_adamw import OneCycleWD
 from lightning_adamw.cli import main
-from lightning_adamw.compare import deep_merge
+from lightning_adamw.experiments.runs import deep_merge
 from lightning_adamw.registry import DECAY_OWNER_ATTR, DECOUPLED_WD_KEY
 
 ROOT = Path(__file__).resolve().parents[1]

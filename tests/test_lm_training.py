@@ -149,6 +149,7 @@ def direct_perplexity(model: LanguageModel, ids: torch.Tensor, streams: int) -> 
 def test_validation_perplexity_is_exact(small_wt2: Path, eval_batch_size: int) -> None:
     torch.manual_seed(3)
     dm = WikiText2(str(small_wt2), download=False, eval_batch_size=eval_batch_size, eval_bptt=13)
+    dm.setup("validate")  # settles the vocabulary, as the Trainer does before building the model
     model = LanguageModel(tiny_network("qrnn"), vocab_size=dm.vocab_size)
     result = L.Trainer(**QUIET).validate(model, dm, verbose=False)[0]
     dm.setup("validate")
@@ -161,6 +162,7 @@ def test_perplexity_under_ddp_counts_every_token_once(small_wt2: Path) -> None:
     """Two CPU processes with one stream each read exactly the two streams of one process with eval_batch_size=2."""
     torch.manual_seed(4)
     dm = WikiText2(str(small_wt2), download=False, eval_batch_size=1, eval_bptt=50)
+    dm.setup("validate")  # settles the vocabulary, as the Trainer does before building the model
     model = LanguageModel(tiny_network("qrnn"), vocab_size=dm.vocab_size)
     expected = direct_perplexity(model, dm._encode("valid"), streams=2)
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", **QUIET)
@@ -191,6 +193,7 @@ def test_checkpoint_reloads_without_the_data(small_wt2: Path, tmp_path: Path) ->
         lines = (small_wt2 / f"wiki.{split}.tokens").read_text(encoding="utf-8").splitlines(keepends=True)
         (other / f"wiki.{split}.tokens").write_text("".join(lines[:40] if split == "train" else lines))
     other_dm = WikiText2(str(other), download=False)
+    other_dm.setup("test")
     assert other_dm.vocab_size < dm.vocab_size
     fresh = LanguageModel(tiny_network("qrnn"))  # sized from other_dm by configure_model, resized by the checkpoint
     with pytest.warns(UserWarning, match="checkpoint's vocabulary"):
