@@ -88,17 +88,23 @@ def read_tokens(path: Path) -> tuple[list[str], int]:
 
     Raises:
         FileNotFoundError: the file does not exist.
-        ValueError: the file holds no word (empty or whitespace only).
+        ValueError: the file is not UTF-8 text, or holds no word (empty or whitespace only).
     """
     if not path.is_file():
         raise FileNotFoundError(f"WikiText-2 file {path} does not exist.")
     tokens: list[str] = []
     lines = 0
-    with path.open(encoding="utf-8") as f:
-        for line in f:
-            tokens.extend(line.split())
-            tokens.append(EOS)
-            lines += 1
+    try:
+        with path.open(encoding="utf-8") as f:
+            for line in f:
+                tokens.extend(line.split())
+                tokens.append(EOS)
+                lines += 1
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"WikiText-2 file {path} is not UTF-8 text (line {lines + 1}: {err.reason} at byte {err.start}): "
+            f"replace it with the official file (from {OFFICIAL_ARCHIVE}) or delete it so it is downloaded again."
+        ) from err
     if lines == len(tokens):
         raise ValueError(
             f"WikiText-2 file {path} is empty or holds only whitespace ({lines} lines, no words): replace it with the "
