@@ -126,9 +126,14 @@ def _checkpoint_version(path: str) -> str | None:
     return checkpoint.get(VERSION_KEY) if isinstance(checkpoint, dict) else None
 
 
-def checkpoint_message(err: BaseException, ckpt_path: Any, roots: Sequence[Path], version: str) -> str | None:
-    """One message for a failure while Lightning restores ``ckpt_path``, naming the file; ``None`` otherwise."""
-    step = None if ckpt_path is None else _restore_step(err)
+def checkpoint_message(err: BaseException, ckpt_path: Any, roots: Sequence[Path], version: str,
+                       step: str | None = None) -> str | None:
+    """One message for a failure while Lightning restores ``ckpt_path``, naming the file; ``None`` otherwise.
+
+    ``step`` is the restore step that failed (``resume_start``: reading the file); by default it is found in the
+    traceback, and a failure outside Lightning's checkpoint restore gives ``None``.
+    """
+    step = None if ckpt_path is None else step or _restore_step(err)
     if step is None:
         return None
     path = str(ckpt_path)

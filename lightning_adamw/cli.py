@@ -11,6 +11,7 @@ its callbacks list one, so no checkpoint ever holds non-finite weights.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import pkgutil
 import sys
@@ -137,6 +138,8 @@ class AdamWTrainer(Trainer):
                 raise
             raise CheckpointError(message) from err
 
+    # wraps: LightningCLI builds each subcommand's options (ckpt_path, ...) from Trainer's signature, kept this way
+    @functools.wraps(Trainer.fit)
     def fit(self, *args: Any, **kwargs: Any) -> None:
         self._restoring(super().fit, *args, **kwargs)
         if self.state.status == TrainerStatus.FINISHED and self.global_step == 0:
@@ -152,12 +155,15 @@ class AdamWTrainer(Trainer):
                 "`validate` subcommand to evaluate without training."
             )
 
+    @functools.wraps(Trainer.validate)
     def validate(self, *args: Any, **kwargs: Any) -> Any:
         return self._restoring(super().validate, *args, **kwargs)
 
+    @functools.wraps(Trainer.test)
     def test(self, *args: Any, **kwargs: Any) -> Any:
         return self._restoring(super().test, *args, **kwargs)
 
+    @functools.wraps(Trainer.predict)
     def predict(self, *args: Any, **kwargs: Any) -> Any:
         return self._restoring(super().predict, *args, **kwargs)
 
@@ -270,6 +276,19 @@ class AdamWCLI(LightningCLI):
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
         return {**LightningCLI.subcommands(), "lr_find": {"model", "datamodule"}}
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads the checkpoint's hyperparameters here, before anything is built: name a bad file here too
+        try:
+            super()._parse_ckpt_path()
+        except Exception as err:
+            subcommand = self.config.get("subcommand")
+            config = self.config[subcommand] if subcommand else self.config
+            message = checkpoint_message(err, config.get("ckpt_path"), source_roots(), lightning_adamw.__version__,
+                                         step="resume_start")
+            if message is None:
+                raise
+            raise CheckpointError(message) from err
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer = super().instantiate_trainer(**kwargs)
