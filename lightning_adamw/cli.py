@@ -22,6 +22,7 @@ from typing import Any, Literal, NoReturn
 
 from jsonargparse import Namespace
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.callbacks import BatchSizeFinder, LearningRateFinder
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.trainer.states import TrainerStatus
 from lightning.pytorch.tuner import Tuner
@@ -142,7 +143,8 @@ class AdamWTrainer(Trainer):
     @functools.wraps(Trainer.fit)
     def fit(self, *args: Any, **kwargs: Any) -> None:
         self._restoring(super().fit, *args, **kwargs)
-        if self.state.status == TrainerStatus.FINISHED and self.global_step == 0:
+        tuning = any(isinstance(c, (LearningRateFinder, BatchSizeFinder)) for c in self.callbacks)  # Tuner's own fit
+        if self.state.status == TrainerStatus.FINISHED and self.global_step == 0 and not tuning:
             settings = [f"trainer.{name}={value}" for name, value in (
                 ("max_steps", self.max_steps), ("max_epochs", self.max_epochs),
                 ("limit_train_batches", self.limit_train_batches)) if value == 0]
