@@ -62,6 +62,7 @@ class EpochTimer(L.Callback):
 def windows(args: argparse.Namespace) -> tuple[TrainWindows, int, str]:
     if args.data_dir and (Path(args.data_dir) / file_name("train")).is_file():
         dm = WikiText2(args.data_dir, download=False, batch_size=args.batch_size, bptt=args.bptt)
+        dm.setup("fit")
         ids = dm._encode("train")
         return TrainWindows(train_streams(ids, args.batch_size, 0, 1), args.bptt, True, 0), dm.vocab_size, "real"
     ids = torch.randint(VOCAB, (TRAIN_TOKENS,), generator=torch.Generator().manual_seed(0))

@@ -4,6 +4,11 @@ Tokens are each line split on whitespace plus ``<eos>`` (Merity et al.'s ``data.
 training split in order of first occurrence and kept in the datamodule's ``state_dict`` (saved in checkpoints and
 reused at test time); words the vocabulary lacks become ``<unk>``, and the rate is reported per split.
 
+Lightning's hooks divide the work: ``prepare_data`` downloads missing files (once per node), ``setup`` builds the
+vocabulary on the training split, the model sizes its network from ``vocab_size`` in ``configure_model``; when the
+Trainer then restores a checkpoint, its vocabulary replaces this one (``load_state_dict``) and its network size the
+model's (``LanguageModel.on_load_checkpoint``), so a checkpoint is always evaluated with the words it was trained on.
+
 * Training: the corpus cut into ``batch_size`` parallel streams per device (each device its own streams), windows of
   variable length as in AWD-LSTM (``N(bptt, 5)`` with probability 0.95, else ``N(bptt / 2, 5)``, at least 5), the
   same number of windows every epoch so the 1cycle schedule knows the run length. The model carries its hidden state
@@ -14,7 +19,9 @@ reused at test time); words the vocabulary lacks become ``<unk>``, and the rate 
 Example::
 
     dm = WikiText2("data/wikitext-2", batch_size=100, bptt=70)
-    dm.vocab_size        # 33278, known before any Trainer exists
+    dm.prepare_data()    # what the Trainer calls first: downloads missing files
+    dm.setup("fit")
+    dm.vocab_size        # 33278
 """
 
 from __future__ import annotations
@@ -217,9 +224,10 @@ class TokenBatch(NamedTuple):
 def sample_seq_lens(num: int, bptt: int, budget: int, generator: torch.Generator) -> list[int]:
     """``num`` AWD-LSTM sequence lengths summing to at most ``budget``.
 
-    Each is ``N(bptt, 5)`` with probability 0.95, else ``N(bptt / 2, 5)``, at least 5 and at most ``bptt + 40``
-    (AWD-LSTM ``main.py``, ``max_seq_len_delta=40``). Draws that overrun the stream are redrawn, so every epoch has
-    the same number of windows.
+    Each is ``N(bptt, 5)`` with probability 0.95, else ``N(bptt / 2, 5)``, at least 5 (awd-lstm-lm ``main.py`` and
+    fastai 0.7's ``LanguageModelLoader``). The cap at ``bptt + 40`` is this project's guard against a runaway window
+    (neither source has one; it lies 8 standard deviations out, so it never binds at the recipe's bptt). Draws that
+    overrun the stream are redrawn, so every epoch has the same number of windows.
     """
     for _ in range(1000):
         half = torch.rand(num, generator=generator) >= 0.95
@@ -322,8 +330,8 @@ class WikiText2(LightningDataModule):
         eval_bptt: evaluation window; ``None`` uses ``bptt``.
         seed: seed of the window lengths (epoch ``e`` uses ``seed + e``).
 
-    The vocabulary is built when the datamodule is constructed, so ``vocab_size`` is known before the model is.
-    Under DDP each device takes its own streams: for training ``batch_size`` of ``batch_size * world_size``, for
+    The vocabulary is built in ``setup``, before the Trainer builds the model (``configure_model``). Under DDP each
+    device takes its own streams: for training ``batch_size`` of ``batch_size * world_size``, for
     evaluation ``eval_batch_size`` of ``eval_batch_size * world_size`` (a stream's first word is predicted without
     context, so 1 device and ``eval_batch_size=1`` is the exact published protocol).
     """
@@ -358,10 +366,8 @@ class WikiText2(LightningDataModule):
         self.eval_batch_size = eval_batch_size
         self.eval_bptt = bptt if eval_bptt is None else eval_bptt
         self.seed = seed
-        self._ensure_files()
-        tokens, _ = read_tokens(self.path(train_split))
-        self.vocab = Vocabulary(tokens)
-        self._train_tokens: list[str] | None = tokens
+        self._vocab: Vocabulary | None = None
+        self._train_tokens: list[str] | None = None
         self._ids: dict[Split, Tensor] = {}
         #: fraction of each split's tokens that were out of vocabulary (mapped to ``<unk>``), filled by ``setup``
         self.oov_rate: dict[Split, float] = {}
@@ -369,21 +375,40 @@ class WikiText2(LightningDataModule):
         self._train_windows: TrainWindows | None = None
 
     @property
+    def vocab(self) -> Vocabulary:
+        """The vocabulary, settled by ``setup``."""
+        if self._vocab is None:
+            raise RuntimeError(
+                "WikiText2's vocabulary is settled in setup(): call dm.prepare_data() and dm.setup('fit') (the Trainer "
+                "does both before it builds the model)."
+            )
+        return self._vocab
+
+    @vocab.setter
+    def vocab(self, vocab: Vocabulary) -> None:
+        self._vocab = vocab
+
+    @property
     def vocab_size(self) -> int:
-        """Number of words in the vocabulary (``<eos>`` and ``<unk>`` included)."""
+        """Number of words in the vocabulary (``<eos>`` and ``<unk>`` included); known after ``setup``."""
         return len(self.vocab)
 
     def path(self, split: Split) -> Path:
         """Where ``split`` is read from."""
         return self.data_dir / file_name(split)
 
-    def _ensure_files(self) -> None:
+    def prepare_data(self) -> None:
+        """Download the missing files when ``download`` is on (the Trainer calls this once per node)."""
+        self._ensure_files(self.download)
+
+    def _ensure_files(self, download: bool) -> None:
         needed = sorted(set(self.splits.values()), key=list(FILES).index)
         missing = [s for s in needed if not self.path(s).is_file()]
         if not missing:
             return
-        if not self.download:
-            raise FileNotFoundError(missing_files_message(self.data_dir, missing, "download=False"))
+        if not download:
+            reason = "download=False" if not self.download else "prepare_data() was not called"
+            raise FileNotFoundError(missing_files_message(self.data_dir, missing, reason))
         for split in missing:
             try:
                 download_split(self.data_dir, split)
@@ -419,7 +444,17 @@ class WikiText2(LightningDataModule):
                 "bptt / batch_size / eval_batch_size."
             )
 
+    def _settle_vocabulary(self) -> None:
+        """Build the vocabulary on the training split (a checkpoint's replaces it in ``load_state_dict``)."""
+        if self._vocab is not None:
+            return
+        tokens, _ = read_tokens(self.path(self.splits["train"]))
+        self.vocab = Vocabulary(tokens)
+        self._train_tokens = tokens
+
     def setup(self, stage: str | None = None) -> None:
+        self._ensure_files(download=False)
+        self._settle_vocabulary()
         rank, world = self._rank_world()
         train, evaluation = (self.batch_size, self.bptt), (self.eval_batch_size, self.eval_bptt)
         checks = {
@@ -463,7 +498,9 @@ class WikiText2(LightningDataModule):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         itos = list(state_dict["vocab"])
-        if itos != self.vocab.itos:
+        if self._vocab is None:
+            self.vocab = Vocabulary(itos)
+        elif itos != self.vocab.itos:
             rank_zero_warn(
                 f"WikiText2: the checkpoint's vocabulary ({len(itos):,} words) differs from the one built on "
                 f"{self.path(self.splits['train'])} ({len(self.vocab):,} words); using the checkpoint's."

@@ -3,9 +3,12 @@
 The plugin: an optimizer registry with weight decay as L2 or decoupled, the ``OneCycleWD`` callback (1cycle lr and
 momentum plus decoupled weight decay for any optimizer), ``FreezeUnfreeze`` fine-tuning, and the ``LightningCLI``
 entry point ``python -m lightning_adamw``.
+Projects on the standalone ``pytorch_lightning`` package import the callbacks from
+:mod:`lightning_adamw.pytorch_lightning`.
 """
 
 import lightning_adamw._distributed  # noqa: F401  (destroys a gloo process group at exit; see the module)
+from lightning_adamw.backbones import backbone_layer_groups
 from lightning_adamw.decay import DecoupledDecay
 from lightning_adamw.divergence import DivergenceError, DivergenceGuard
 from lightning_adamw.finetuning import FreezeUnfreeze
@@ -17,6 +20,7 @@ from lightning_adamw.registry import (
     OptimizerEntry,
     available_optimizers,
     build_optimizer,
+    even_mults,
     get_optimizer_entry,
     param_groups,
     register_optimizer,
@@ -43,7 +47,9 @@ __all__ = [
     "Schedule",
     "ScheduleFreeEval",
     "available_optimizers",
+    "backbone_layer_groups",
     "build_optimizer",
+    "even_mults",
     "get_optimizer_entry",
     "muon_split",
     "param_groups",

@@ -4,8 +4,8 @@ Lightning 2.x registers ``torch.distributed.destroy_process_group`` at exit only
 group (DDP on CPUs, ``ddp`` or ``ddp_spawn``) is left to the C++ static destructors. Its transport threads are still
 running then, so a rank can die after training has finished, with "terminate called without an active exception"
 (SIGABRT). ``ddp_spawn`` then raises ``ProcessExitedException`` in the main process, and the run is reported as
-failed. On this project's 2-core machine that was 2 to 4 of 16 two-process CPU fits. Destroying the group first, from
-an ``atexit`` handler, stops those threads in order. The handler does nothing unless a gloo group is still initialized.
+failed (now and then, not every time). Destroying the group first, from an ``atexit`` handler, stops those threads in
+order. The handler does nothing unless a gloo group is still initialized.
 """
 
 from __future__ import annotations

@@ -312,11 +312,12 @@ class AdamWCLI(LightningCLI):
 def main(args: list[str] | None = None) -> Any:
     """Console entry point (``lightning-adamw`` and ``python -m lightning_adamw``).
 
-    ``compare`` runs the comparison runner (:mod:`lightning_adamw.compare`); everything else goes to LightningCLI.
+    ``compare`` runs the comparison runner (:mod:`lightning_adamw.experiments.compare`); everything else goes to
+    LightningCLI.
     """
     argv = sys.argv[1:] if args is None else list(args)
     if argv[:1] == ["compare"]:
-        from lightning_adamw.compare import main as compare
+        from lightning_adamw.experiments.compare import main as compare
 
         return compare(argv[1:])
     zoo_loaded = import_zoo() or any(package in sys.modules for package in ZOO_PACKAGES)

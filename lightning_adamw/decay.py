@@ -10,6 +10,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.optim import Optimizer
 
+from lightning_adamw.lognames import group_metric_name
 from lightning_adamw.registry import DECAY_OWNER_ATTR, DECOUPLED_WD_KEY
 
 
@@ -102,7 +103,7 @@ class DecoupledDecay(Callback):
             for group, factor in zip(optimizer.param_groups, factors):
                 decay_group_(group, factor)
         if self.log_values and any(wds):
-            names = ["wd"] if len(factors) == 1 else [f"wd/pg{i}" for i in range(len(factors))]
+            names = [group_metric_name("wd", i, len(factors)) for i in range(len(factors))]
             for name, factor, wd in zip(names, factors, wds):
                 if wd > 0:
                     pl_module.log(name, factor, on_step=True, on_epoch=False)

@@ -22,8 +22,9 @@ def _what_to_try(lr: float | None) -> str:
     lower = f" (e.g. {lr / 3:.3g} instead of {lr:.3g})" if lr else ""
     return (
         f"Try a lower maximum lr{lower}, a larger div_factor for a gentler warm-up, gradient clipping "
-        "(--trainer.gradient_clip_val 1.0), or bf16 instead of fp16; check the data for NaN/inf values. "
-        "The last good checkpoint is untouched: resume from it with --ckpt_path."
+        "(Trainer(gradient_clip_val=1.0); CLI: --trainer.gradient_clip_val 1.0), or bf16 instead of fp16; check the "
+        "data for NaN/inf values. The last good checkpoint is untouched: resume from it with "
+        "trainer.fit(model, ckpt_path=...) (CLI: --ckpt_path ...)."
     )
 
 

@@ -108,8 +108,8 @@ class SaveOnInterrupt(Callback):
         trainer.save_checkpoint(self.saved_path)
         message = (
             f"Stopped by {self.requested or 'a signal on another rank'} after step {trainer.global_step}; saved "
-            f"{self.saved_path}. Continue with the same command plus --ckpt_path last (or --ckpt_path "
-            f"{self.saved_path})."
+            f"{self.saved_path}. Continue with trainer.fit(model, ckpt_path={str(self.saved_path)!r}) (CLI: the same "
+            "command plus --ckpt_path last)."
         )
         rank_zero_info(message)
         raise RunInterrupted(0)

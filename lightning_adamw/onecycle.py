@@ -10,11 +10,12 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch.optim import Optimizer
 
 from lightning_adamw.decay import amp_will_skip_step, decay_group_, group_weight_decay, unwrap_optimizer
-from lightning_adamw.registry import DECAY_OWNER_ATTR, LAYER_GROUP_KEY
+from lightning_adamw.lognames import group_metric_name
+from lightning_adamw.registry import DECAY_OWNER_ATTR, DECOUPLED_WD_KEY, LAYER_GROUP_KEY
 from lightning_adamw.schedulefree import is_schedule_free
 from lightning_adamw.schedules import OneCycle, Schedule
 
@@ -31,7 +32,9 @@ class OneCycleWD(Callback):
        schedule multiplier (``wd_convention="schedule"``, as written in the AdamW paper), with ``torch._foreach_*``
        ops; nothing is decayed on a step that fp16 mixed precision skips,
     3. logs ``lr``, ``momentum`` and ``wd`` (the decay factor actually applied) to every logger; with several
-       parameter groups the names are ``lr/pg0``, ``lr/pg1``, ...
+       parameter groups the names are ``lr/pg0``, ``lr/pg1``, ...; a group whose parameters are all frozen is
+       logged at lr 0 (and wd 0). Lightning writes these every ``log_every_n_steps`` steps: a run shorter than that
+       logs none (a warning says so).
 
     The step count is ``trainer.global_step`` (optimizer steps), so gradient accumulation, several devices and
     resuming all follow the same curve. The total is ``trainer.estimated_stepping_batches`` unless given.
@@ -47,6 +50,12 @@ class OneCycleWD(Callback):
         normalized: treat the weight decay as the AdamW paper's normalised ``lambda_norm`` and use
             ``lambda_norm * sqrt(b / (B * T))``; ``B * T / b`` is the number of optimizer steps of the run.
         log_values: log lr, momentum and weight decay.
+        weight_decay_timescale: set the decoupled decay by its timescale instead, in epochs: the weights are an
+            exponential moving average of the updates over ``tau = 1 / (lr * wd)`` optimizer steps (Wang & Aitchison
+            2024, arXiv:2405.13698, who find the best ``tau`` in epochs stable across model and data size), so each
+            group gets ``wd = 1 / (max_lr_g * weight_decay_timescale * steps_per_epoch)`` (``max_lr_g`` read as 1
+            under ``wd_convention="schedule"``). Every group is decayed; one that carries its own decay is refused.
+            The chosen values are printed and logged as ``weight_decay`` (``weight_decay/pg0``, ...).
 
     A module attribute ``lr_scale`` (float), when present, multiplies the lr of the current step (AWD-LSTM scales the
     lr by ``seq_len / bptt``); the decay in the ``"lr"`` convention uses the scaled lr.
@@ -68,6 +77,7 @@ class OneCycleWD(Callback):
         wd_convention: Literal["lr", "schedule"] = "lr",
         normalized: bool = False,
         log_values: bool = True,
+        weight_decay_timescale: float | None = None,
     ) -> None:
         super().__init__()
         if schedule is not None and not isinstance(schedule, Schedule):
@@ -83,6 +93,18 @@ class OneCycleWD(Callback):
             raise ValueError(
                 f"wd_convention must be 'lr' (lr_t * wd) or 'schedule' (eta_t * wd), got {wd_convention!r}."
             )
+        if weight_decay_timescale is not None:
+            if weight_decay_timescale <= 0:
+                raise ValueError(f"weight_decay_timescale must be a positive number of epochs, got "
+                                 f"{weight_decay_timescale}.")
+            if weight_decay is not None or normalized:
+                raise ValueError(
+                    "weight_decay_timescale sets the weight decay itself: drop "
+                    + ("weight_decay" if weight_decay is not None else "normalized=True")
+                    + " (or drop weight_decay_timescale to give the decay directly)."
+                )
+        self.weight_decay_timescale = weight_decay_timescale
+        self._steps_per_epoch: int | None = None
         self.schedule = schedule if schedule is not None else OneCycle()
         self.max_lr = max_lr
         self.total_steps = total_steps
@@ -160,7 +182,8 @@ class OneCycleWD(Callback):
                 f"This run was checkpointed with a {self._restored_total}-step OneCycleWD cycle but now has {total} "
                 "optimizer steps (max_epochs, max_steps, batch size, devices or accumulate_grad_batches changed). "
                 "Resume with the original settings, pass OneCycleWD(total_steps="
-                f"{self._restored_total}) to keep the old schedule, or start a new run without --ckpt_path."
+                f"{self._restored_total}) to keep the old schedule, or start a new run without ckpt_path "
+                "(CLI: --ckpt_path)."
             )
         optimizers = [unwrap_optimizer(o) for o in trainer.optimizers]
         for config in trainer.lr_scheduler_configs:
@@ -170,14 +193,41 @@ class OneCycleWD(Callback):
                     "also schedules that optimizer: two owners of the lr would fight. Return only the optimizer "
                     "from configure_optimizers and let OneCycleWD schedule it."
                 )
-        self.attach(optimizers, total)
+        steps_per_epoch = None
+        if self.weight_decay_timescale is not None:
+            if not math.isfinite(trainer.num_training_batches):
+                raise MisconfigurationException(
+                    "OneCycleWD(weight_decay_timescale=...) counts the timescale in epochs and needs the number of "
+                    "training batches per epoch, which this dataloader does not have (no __len__): give "
+                    "weight_decay instead."
+                )
+            steps_per_epoch = math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches)
+        self.attach(optimizers, total, steps_per_epoch)
+        if self.weight_decay_timescale is not None:
+            for idx, wds in self._wds.items():
+                metrics = {group_metric_name("weight_decay", g, len(wds), idx, len(optimizers)): wd
+                           for g, wd in enumerate(wds)}
+                for logger in trainer.loggers:
+                    logger.log_metrics(metrics, step=trainer.global_step)
+        # Lightning writes on_step metrics every log_every_n_steps optimizer steps: a shorter run logs no curve
+        if self.log_values and trainer.loggers and total < trainer.log_every_n_steps:
+            self._warn_once(
+                "nolog",
+                f"Trainer(log_every_n_steps={trainer.log_every_n_steps}) is more than this run's {total} optimizer "
+                "steps: the loggers will receive no lr/momentum/wd values. Set log_every_n_steps to at most "
+                f"{total} (CLI: --trainer.log_every_n_steps 1) to see the schedule.",
+            )
 
-    def attach(self, optimizers: Sequence[Optimizer], total_steps: int) -> None:
+    def attach(self, optimizers: Sequence[Optimizer], total_steps: int, steps_per_epoch: int | None = None) -> None:
         """Take charge of ``optimizers`` for a run of ``total_steps`` optimizer steps.
 
         The Trainer hooks call this; a hand-written loop calls it once, then :meth:`apply` before each step.
+        ``steps_per_epoch`` (optimizer steps) is needed with ``weight_decay_timescale``.
         """
+        if self.weight_decay_timescale is not None and not steps_per_epoch:
+            raise ValueError("OneCycleWD(weight_decay_timescale=...) needs attach(..., steps_per_epoch=...).")
         self._total = int(total_steps)
+        self._steps_per_epoch = steps_per_epoch
         for idx, optimizer in enumerate(optimizers):
             if is_schedule_free(optimizer):
                 raise MisconfigurationException(
@@ -187,7 +237,6 @@ class OneCycleWD(Callback):
                     "averaged weights."
                 )
             setattr(optimizer, DECAY_OWNER_ATTR, self)
-            self._wds[idx] = [group_weight_decay(g, self.weight_decay) for g in optimizer.param_groups]
             if self.schedule.cycles_momentum and not any(
                 k in optimizer.param_groups[0] for k in ("betas", "momentum")
             ):
@@ -200,6 +249,29 @@ class OneCycleWD(Callback):
                     optimizer, [self.max_lr] if isinstance(self.max_lr, (int, float)) else list(self.max_lr), "max_lr"
                 )
                 self._cycles[idx] = [{"start": 0, "max_lrs": [float(x) for x in lrs]}]
+            peaks = self._cycles[idx][0]["max_lrs"]
+            self._wds[idx] = [self._group_wd(g, peak) for g, peak in zip(optimizer.param_groups, peaks)]
+            if self.weight_decay_timescale is not None:
+                rank_zero_info(
+                    f"OneCycleWD: weight_decay_timescale {self.weight_decay_timescale:g} epochs x "
+                    f"{steps_per_epoch} steps/epoch at max lr {', '.join(f'{p:g}' for p in peaks)}: weight_decay "
+                    f"{', '.join(f'{wd:.4g}' for wd in self._wds[idx])}"
+                )
+
+    def _group_wd(self, group: dict[str, Any], peak_lr: float) -> float:
+        """A group's decoupled decay: its own (or ``weight_decay``), or the one its timescale sets."""
+        if self.weight_decay_timescale is None:
+            return group_weight_decay(group, self.weight_decay)
+        own = group.get(DECOUPLED_WD_KEY) or group.get("weight_decay")
+        if own:
+            raise MisconfigurationException(
+                f"OneCycleWD(weight_decay_timescale={self.weight_decay_timescale:g}) sets the weight decay, but a "
+                f"parameter group already carries weight decay {own} (the optimizer's weight_decay): set that to 0 "
+                "(e.g. optimizer weight_decay: 0) or drop weight_decay_timescale."
+            )
+        assert self._steps_per_epoch is not None
+        peak = peak_lr if self.wd_convention == "lr" else 1.0
+        return 1.0 / (peak * self.weight_decay_timescale * self._steps_per_epoch)
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -227,10 +299,10 @@ class OneCycleWD(Callback):
     def _sync_groups(self, idx: int, optimizer: Optimizer) -> None:
         # parameter groups added after the start (e.g. by a BaseFinetuning callback) take their lr as peak
         cycles, wds = self._cycles[idx], self._wds[idx]
-        for group in optimizer.param_groups[len(wds):]:
-            wds.append(group_weight_decay(group, self.weight_decay))
         for cycle in cycles:
             cycle["max_lrs"] += [float(g["lr"]) for g in optimizer.param_groups[len(cycle["max_lrs"]):]]
+        for g in range(len(wds), len(optimizer.param_groups)):
+            wds.append(self._group_wd(optimizer.param_groups[g], cycles[0]["max_lrs"][g]))
 
     def apply(
         self,
@@ -279,6 +351,10 @@ class OneCycleWD(Callback):
             skip_decay=amp_will_skip_step(trainer, optimizer),
         )
         if self.log_values:
+            # a frozen group (no parameter trains, e.g. FreezeUnfreeze's body) is logged at lr 0, not as a cycle
+            frozen = [not any(p.requires_grad for p in g["params"]) for g in optimizer.param_groups]
+            lrs = [0.0 if f else lr for lr, f in zip(lrs, frozen)]
+            decay = [0.0 if f else d for d, f in zip(decay, frozen)]
             self._log(pl_module, idx, len(optimizers), lrs, momentum, decay)
 
     def _log(
@@ -290,16 +366,11 @@ class OneCycleWD(Callback):
         momentum: float | None,
         decay: list[float],
     ) -> None:
-        prefix = f"opt{idx}_" if n_optimizers > 1 else ""
-        single = len(lrs) == 1 and not prefix
         metrics: dict[str, float] = {}
         for g, (lr, d) in enumerate(zip(lrs, decay)):
-            suffix = "" if single else f"/{prefix}pg{g}"
-            metrics[f"lr{suffix}"] = lr
-            if momentum is not None:
-                metrics[f"momentum{suffix}"] = momentum
-            if self._wds[idx][g] > 0:
-                metrics[f"wd{suffix}"] = d
+            for key, value in (("lr", lr), ("momentum", momentum), ("wd", d if self._wds[idx][g] > 0 else None)):
+                if value is not None:
+                    metrics[group_metric_name(key, g, len(lrs), idx, n_optimizers)] = value
         for name, value in metrics.items():
             pl_module.log(name, value, on_step=True, on_epoch=False, prog_bar=False)
 

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from lightning_adamw.backbones import backbone_layer_groups
 from lightning_adamw.muon import MuonAdamW, muon_split
 
 WdMode = Literal["l2", "decoupled"]
@@ -40,6 +41,8 @@ WdMode = Literal["l2", "decoupled"]
 DECOUPLED_WD_KEY = "decoupled_wd"
 #: Parameter-group key holding the index of the layer group (for discriminative learning rates).
 LAYER_GROUP_KEY = "layer_group"
+#: ``OptimizerConfig``'s lr when none is given (torch.optim.Adam's default).
+DEFAULT_LR = 1e-3
 #: Attribute an optimizer carries once a callback has taken ownership of its decoupled weight decay.
 DECAY_OWNER_ATTR = "_lightning_adamw_decay_owner"
 
@@ -167,11 +170,12 @@ def available_optimizers() -> list[str]:
 
 
 def get_optimizer_entry(name: str) -> OptimizerEntry:
-    """The entry for ``name``; an unknown name raises with the valid names and the closest match."""
+    """The entry for ``name`` (any case: ``"AdamW"`` is ``adamw``); an unknown name raises with the valid names and
+    the closest match."""
     try:
-        return _REGISTRY[name]
+        return _REGISTRY[str(name).lower()]
     except KeyError:
-        close = difflib.get_close_matches(str(name), _REGISTRY, n=1)
+        close = difflib.get_close_matches(str(name).lower(), _REGISTRY, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise ValueError(
             f"Unknown optimizer {name!r}.{hint} Valid names: {', '.join(available_optimizers())}. "
@@ -287,6 +291,23 @@ def param_groups(
     return out
 
 
+def even_mults(lo: float, hi: float, n: int) -> list[float]:
+    """``n`` values from ``lo`` to ``hi`` in geometric steps (fastai's ``even_mults``, what ``slice(lo, hi)`` means)."""
+    return [lo * (hi / lo) ** (i / (n - 1)) for i in range(n)] if n > 1 else [hi]
+
+
+def module_layer_groups(module: nn.Module) -> list[nn.Module] | None:
+    """``module.layer_groups()`` if it has the method, else the default split of the torchvision backbone it holds
+    (:func:`~lightning_adamw.backbone_layer_groups`), else ``None``."""
+    getter = getattr(module, "layer_groups", None)
+    if callable(getter):
+        return list(getter())
+    try:
+        return backbone_layer_groups(module)
+    except ValueError:
+        return None
+
+
 def _require_decay_owner(optimizer: Optimizer, args: Any, kwargs: Any) -> None:
     if getattr(optimizer, DECAY_OWNER_ATTR, None) is None:
         raise RuntimeError(
@@ -352,9 +373,15 @@ class OptimizerConfig:
     """An optimizer chosen by name, as it appears in a config file.
 
     Args:
-        name: a registry name (``sgd``, ``sgdw``, ``adam``, ``adamw``, ``amsgrad``, ``rmsprop``, ``muon``; ``lion``,
-            ``schedulefree_adamw`` with the ``optim`` extra; or one you added).
-        lr: the (maximum) learning rate, or one per layer group for discriminative learning rates.
+        name: a registry name, any case (``sgd``, ``sgdw``, ``adam``, ``adamw``, ``amsgrad``, ``rmsprop``, ``muon``;
+            ``lion``, ``schedulefree_adamw`` with the ``optim`` extra; or one you added).
+        lr: the (maximum) learning rate, or one per layer group for discriminative learning rates; default 1e-3.
+        lr_range: ``(lo, hi)``, fastai's ``lr=slice(lo, hi)``: layer group ``i`` of ``n`` (body first) gets
+            ``lo * (hi / lo) ** (i / (n - 1))``, a geometric spread from ``lo`` to ``hi`` (fastai's ``even_mults``).
+            Replaces ``lr``.
+        layer_decay: timm's ``layer_decay``: layer group ``i`` of ``n`` gets ``lr * layer_decay ** (n - 1 - i)``, so
+            the head keeps ``lr`` and each group below it is ``layer_decay`` times slower (timm's
+            ``param_groups_layer_decay``; ViT fine-tuning uses 0.65-0.75). Needs a single ``lr``.
         weight_decay: weight decay (``wd`` in the study); see ``wd_mode``.
         wd_mode: ``"l2"`` or ``"decoupled"``; ``None`` takes the name's default (``adamw``/``sgdw``: decoupled).
         betas: Adam's ``(beta1, beta2)``; the 2018 recipes use beta2 = 0.99.
@@ -364,13 +391,19 @@ class OptimizerConfig:
         kwargs: any other optimizer argument (``nesterov``, ``alpha``, ...), and for ``muon`` the split overrides
             ``muon_params`` / ``adamw_params`` (see :func:`lightning_adamw.muon.muon_split`).
 
+    ``lr_range`` and ``layer_decay`` need the layer groups: build over a list of modules (body first, head last) or
+    a module with a ``layer_groups()`` method returning them.
+
     Example::
 
         OptimizerConfig("adam", lr=3e-3, betas=(0.95, 0.99), weight_decay=0.1, wd_mode="decoupled").build(model)
+        OptimizerConfig("adamw", lr_range=(3e-3 / 9, 3e-3)).build(model)  # 3 groups: 3e-3/9, 3e-3/3, 3e-3
     """
 
     name: str = "adam"
-    lr: float | list[float] = 1e-3
+    lr: float | list[float] | None = None
+    lr_range: tuple[float, float] | None = None
+    layer_decay: float | None = None
     weight_decay: float = 0.0
     wd_mode: WdMode | None = None
     betas: tuple[float, float] | None = None
@@ -381,15 +414,37 @@ class OptimizerConfig:
 
     def __post_init__(self) -> None:
         entry = get_optimizer_entry(self.name)
+        # plain values whatever built the config (Hydra passes its ListConfig containers)
+        self.name = entry.name
+        self.lr = [float(x) for x in self.lr] if isinstance(self.lr, Sequence) else self.lr
+        self.betas = None if self.betas is None else tuple(float(b) for b in self.betas)
+        self.lr_range = None if self.lr_range is None else tuple(float(x) for x in self.lr_range)
         resolve_wd_mode(entry, self.wd_mode)
         if isinstance(entry.factory, OptionalFactory):
             try:
                 entry.factory.resolve()
             except ImportError as err:
                 raise ValueError(f"Optimizer {self.name!r}: {err}") from None
-        lrs = [self.lr] if isinstance(self.lr, (int, float)) else list(self.lr)
+        lrs = [DEFAULT_LR if self.lr is None else self.lr] if not isinstance(self.lr, Sequence) else list(self.lr)
         if not lrs or any(x <= 0 for x in lrs):
             raise ValueError(f"lr must be positive (one value or one per layer group), got {self.lr}.")
+        if self.lr_range is not None:
+            if self.lr is not None or self.layer_decay is not None:
+                given = "lr" if self.lr is not None else "layer_decay"
+                raise ValueError(
+                    f"lr_range={list(self.lr_range)} sets every layer group's lr (fastai's slice(lo, hi)), so {given} "
+                    f"would be ignored: give lr_range alone, or drop it and give {given}."
+                )
+            if len(self.lr_range) != 2 or not 0 < self.lr_range[0] <= self.lr_range[1]:
+                raise ValueError(f"lr_range must be [lo, hi] with 0 < lo <= hi, got {self.lr_range}.")
+        if self.layer_decay is not None:
+            if len(lrs) > 1:
+                raise ValueError(
+                    f"layer_decay={self.layer_decay} derives each group's lr from one lr (the head's), but lr is the "
+                    f"list {self.lr}: give a single lr, or drop layer_decay and keep the list."
+                )
+            if self.layer_decay <= 0:
+                raise ValueError(f"layer_decay must be positive (timm uses 0.65-0.9), got {self.layer_decay}.")
         if self.betas is not None and not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"betas must lie in [0, 1), got {self.betas}.")
 
@@ -398,14 +453,41 @@ class OptimizerConfig:
         """The weight-decay mode after applying the name's default."""
         return resolve_wd_mode(get_optimizer_entry(self.name), self.wd_mode)
 
+    def group_lrs(self, n_groups: int) -> list[float]:
+        """The lr of each of ``n_groups`` layer groups, body first."""
+        if self.lr_range is not None:
+            return even_mults(*self.lr_range, n_groups)
+        if isinstance(self.lr, Sequence):
+            return [float(x) for x in self.lr]
+        lr = DEFAULT_LR if self.lr is None else float(self.lr)
+        decay = 1.0 if self.layer_decay is None else self.layer_decay
+        return [lr * decay ** (n_groups - 1 - i) for i in range(n_groups)]
+
+    def _layer_groups(self, params: nn.Module | Sequence[nn.Module] | Iterable[torch.Tensor]) -> list[nn.Module]:
+        option = "lr_range" if self.lr_range is not None else "layer_decay"
+        groups = module_layer_groups(params) if isinstance(params, nn.Module) else _layer_group_modules(params)
+        if groups is None or len(groups) < 2:
+            what = (f"{type(params).__name__} has no layer_groups() method and holds no torchvision backbone"
+                    if isinstance(params, nn.Module) else "the parameters are not a list of at least two modules")
+            raise ValueError(
+                f"{option} spreads the lr over layer groups, but {what}. Build over a list of modules, body first "
+                "(.build([model.body, model.head])), or give the module a layer_groups() method returning them "
+                "(lightning_adamw.backbone_layer_groups(net) splits torchvision ResNets, EfficientNets, ConvNeXts)."
+            )
+        return groups
+
     def build(self, params: nn.Module | Sequence[nn.Module] | Iterable[torch.Tensor]) -> Optimizer:
         """The optimizer over a module, a list of layer-group modules, or parameters."""
         extra = {k: v for k, v in (("betas", self.betas), ("momentum", self.momentum), ("eps", self.eps))
                  if v is not None}
+        lr: float | list[float] = DEFAULT_LR if self.lr is None else self.lr
+        if self.lr_range is not None or self.layer_decay is not None:
+            params = self._layer_groups(params)
+            lr = self.group_lrs(len(params))
         return build_optimizer(
             params,
             self.name,
-            lr=self.lr,
+            lr=lr,
             weight_decay=self.weight_decay,
             wd_mode=self.wd_mode,
             exclude_bias_and_norm=self.exclude_bias_and_norm,

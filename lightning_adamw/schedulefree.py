@@ -17,6 +17,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.optim import Optimizer
 
 from lightning_adamw.decay import unwrap_optimizer
+from lightning_adamw.lognames import group_metric_name
 
 
 def is_schedule_free(optimizer: Any) -> bool:
@@ -307,8 +308,7 @@ class ScheduleFreeEval(Callback):
             return
         groups = [g for o in self._optimizers for g in o.param_groups]
         for i, group in enumerate(groups):
-            name = "lr" if len(groups) == 1 else f"lr/pg{i}"
-            pl_module.log(name, _step_lr(group), on_step=True, on_epoch=False)
+            pl_module.log(group_metric_name("lr", i, len(groups)), _step_lr(group), on_step=True, on_epoch=False)
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.state.fn != TrainerFn.FITTING:

@@ -1,10 +1,12 @@
 """``LanguageModel``: the LightningModule that trains and evaluates AWD-LSTM and AWD-QRNN on WikiText-2.
 
-* Training (AWD-LSTM ``main.py``): the hidden state is carried from one window to the next and detached, reset at
-  every epoch start; the loss is the cross-entropy plus activation regularisation (AR, ``alpha * mean(out^2)`` on the
-  last layer's dropped output) and temporal activation regularisation (TAR, ``beta * mean((h_t - h_{t-1})^2)`` on
-  its raw output); the step's lr is scaled by ``seq_len / bptt`` through ``lr_scale``, which
-  :class:`lightning_adamw.OneCycleWD` reads. Gradient clipping is the Trainer's ``gradient_clip_val``.
+* Training (the study's fastai 0.7 loop, ``lm_rnn.py``): the hidden state is carried from one window to the next and
+  detached, reset at every epoch start; the loss is the cross-entropy plus activation regularisation (AR,
+  ``alpha * mean(h^2)``) and temporal activation regularisation (TAR, ``beta * mean((h_t - h_{t-1})^2)``), both on
+  the last layer's output before the output dropout (fastai ``seq2seq_reg``; ``ar_on="dropped"`` takes AR after it,
+  as awd-lstm-lm's ``main.py`` does). ``scale_lr_by_seq_len=True`` scales the step's lr by ``seq_len / bptt``
+  (awd-lstm-lm; the study's loop does not) through ``lr_scale``, which :class:`lightning_adamw.OneCycleWD` reads.
+  Gradient clipping is the Trainer's ``gradient_clip_val``.
 * Evaluation: perplexity ``exp(sum NLL / number of tokens)`` over the whole split, from summed states that
   torchmetrics reduces across devices; with ``cache_pointer=True`` also the neural cache pointer's ``*/ppl_cache``.
 * Logged: ``train/loss``, ``train/ppl``, ``val/loss``, ``val/ppl``, ``test/loss``, ``test/ppl`` (and ``*/ppl_cache``).
@@ -26,7 +28,7 @@ Example (YAML)::
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -53,7 +55,11 @@ class LanguageModel(LightningModule):
         optimizer: the optimizer (``lightning_adamw.OptimizerConfig``); the schedule comes from ``OneCycleWD``.
         ar_alpha: activation regularisation weight (AWD-LSTM 2; the 2018 AWD-LSTM recipe 3).
         tar_beta: temporal activation regularisation weight (AWD-LSTM 1; the 2018 AWD-LSTM recipe 1.5).
-        scale_lr_by_seq_len: multiply each step's lr by ``seq_len / bptt`` (AWD-LSTM).
+        ar_on: the last layer's output AR is computed on: ``"undropped"``, before the output dropout (the study's
+            fastai 0.7 ``seq2seq_reg``), or ``"dropped"``, after it (awd-lstm-lm; with output dropout ``p`` that AR is
+            about ``1 / (1 - p)`` times stronger for the same ``ar_alpha``). TAR is always on the undropped output.
+        scale_lr_by_seq_len: multiply each step's lr by ``seq_len / bptt`` (awd-lstm-lm ``main.py``; the study's
+            fastai 0.7 loop does not).
         cache_pointer: also evaluate with the neural cache pointer (validate and test), logging ``*/ppl_cache``; the
             four cache settings are not saved in checkpoints, so they can be switched on when testing one.
         cache_theta: the cache's ``theta`` (WikiText-2: 0.662).
@@ -68,7 +74,8 @@ class LanguageModel(LightningModule):
         optimizer: OptimizerConfig | None = None,
         ar_alpha: float = 2.0,
         tar_beta: float = 1.0,
-        scale_lr_by_seq_len: bool = True,
+        ar_on: Literal["undropped", "dropped"] = "undropped",
+        scale_lr_by_seq_len: bool = False,
         cache_pointer: bool = False,
         cache_theta: float = 0.662,
         cache_lambda: float = 0.1279,
@@ -77,6 +84,8 @@ class LanguageModel(LightningModule):
         super().__init__()
         if ar_alpha < 0 or tar_beta < 0:
             raise ValueError(f"ar_alpha and tar_beta must be >= 0, got {ar_alpha} and {tar_beta}.")
+        if ar_on not in ("undropped", "dropped"):
+            raise ValueError(f"ar_on must be 'undropped' (the study's) or 'dropped' (awd-lstm-lm), got {ar_on!r}.")
         if vocab_size is not None and vocab_size < 2:
             raise ValueError(f"vocab_size must be at least 2 (or None to take the datamodule's), got {vocab_size}.")
         # the cache settings are evaluation switches, not part of the trained model: kept out of the checkpoint, because
@@ -86,6 +95,7 @@ class LanguageModel(LightningModule):
         self.network_factory = network
         self.optimizer = optimizer or OptimizerConfig()
         self.ar_alpha, self.tar_beta = ar_alpha, tar_beta
+        self.ar_on = ar_on
         self.scale_lr_by_seq_len = scale_lr_by_seq_len
         self.cache = NeuralCache(cache_theta, cache_lambda, cache_window) if cache_pointer else None
         #: read by OneCycleWD at every optimizer step (AWD-LSTM's seq_len / bptt lr scaling)
@@ -166,7 +176,7 @@ class LanguageModel(LightningModule):
         self._hidden["train"] = apply_to_collection(out.hidden, Tensor, Tensor.detach)
         logits = self.network.decode(out.output)
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
-        reg = self.ar_alpha * out.output.pow(2).mean()
+        reg = self.ar_alpha * (out.raw_output if self.ar_on == "undropped" else out.output).pow(2).mean()
         if out.raw_output.size(0) > 1:
             reg = reg + self.tar_beta * (out.raw_output[1:] - out.raw_output[:-1]).pow(2).mean()
         self.log("train/loss", loss, prog_bar=True)

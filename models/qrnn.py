@@ -37,7 +37,7 @@ def _grads_per_step(grad_h: Tensor, f: Tensor, x: Tensor, h0: Tensor, h: Tensor)
     """The forget-mult's gradients computed step by step while each step's slab is in cache (CPU).
 
     No whole-tensor pass at all: on CPU, whole-tensor ops run on OpenMP threads whose spinning then slows the serial
-    loop down (measured up to 3x slower than the plain loop with 2 threads on a shared 2-core machine).
+    loop down (BENCHMARKS.md, "Language models").
     """
     grad_f, grad_x = torch.empty_like(f), torch.empty_like(x)
     g = grad_h[-1].clone()
@@ -69,9 +69,8 @@ def _grads_batched(grad_h: Tensor, f: Tensor, x: Tensor, h0: Tensor, h: Tensor) 
 
 
 #: On CPU, time steps of at most this many elements (batch x width) take :func:`_grads_batched`: there the cost is
-#: per-op overhead, and one op per step beats five (measured 1.2x-1.6x faster for the whole forget-mult at 256 to 5,120
-#: elements per step, ``bench/bench_qrnn.py``). Wider steps take :func:`_grads_per_step`, whose per-step slabs stay in
-#: cache: the batched form's whole-tensor passes were up to 3x slower there (10,240 to 23,000 elements, 1 or 2 threads).
+#: per-op overhead, and one op per step beats five. Wider steps take :func:`_grads_per_step`, whose per-step slabs stay
+#: in cache, where the batched form's whole-tensor passes are slower (``bench/bench_qrnn.py``; BENCHMARKS.md).
 CPU_BATCHED_MAX_STEP = 8192
 
 
@@ -122,17 +121,14 @@ def forget_mult(f: Tensor, x: Tensor, h0: Tensor | None = None) -> Tensor:
 
 
 #: Gate projections with at least this many weights run as a convolution on CPU (:meth:`QRNNLayer._project`); below
-#: it the permutes cost more than oneDNN saves (measured: 64 wide slower). Measured on AMD (Zen 5) only; set it to
-#: ``math.inf`` to keep ``nn.Linear`` everywhere.
+#: it the permutes cost more than oneDNN saves. The thresholds here were chosen from ``bench/bench_qrnn.py`` on an AMD
+#: CPU (BENCHMARKS.md, "Language models"); set this one to ``math.inf`` to keep ``nn.Linear`` everywhere.
 CPU_CONV_MIN_WEIGHT = 2**16
 #: Of those, inputs narrower than this are read in place as channels-last images (batch as the image width), wider
-#: ones as a 1-d convolution over time. Measured with 1 thread, forward + backward, 70 steps, in -> out features:
-#: 256 -> 768 in 9.8 vs 15.8 ms (20 streams), 400 -> 1200 127 vs 194 ms and 800 -> 1200 204 vs 292 ms (100 streams),
-#: 1150 -> 3450 167-180 vs 175-202 ms (even), 1550 -> 4650 387-448 vs 346-364 ms, 2300 -> 3450 443-472 vs 333-363 ms.
+#: ones as a 1-d convolution over time, which is faster once the input is wide.
 CPU_CHANNELS_LAST_MAX_IN = 1536
-#: ... and with at least this many streams (the images' width): with fewer the channels-last form is up to 6x slower
-#: than the 1-d one. Forward only, 70 steps, 2 threads: 800 -> 4650 at 1 / 4 / 8 / 16 streams took 7.6 / 8.7 / 11.6 /
-#: 20.9 ms channels-last against 1.9 / 6.4 / 12.1 / 27.1 ms 1-d (``nn.Linear``: 3.6 / 12.1 / 22.2 / 44.2 ms).
+#: ... and with at least this many streams (the images' width): with few streams, as in evaluation, the channels-last
+#: form is slower than the 1-d one.
 CPU_CHANNELS_LAST_MIN_BATCH = 8
 _ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
 
@@ -192,8 +188,8 @@ class QRNNLayer(nn.Module):
         """The gates before their activations, ``linear(source)``, ``(time, batch, gates * hidden)``.
 
         On CPU a large projection runs as a 1x1 convolution, the same product computed by oneDNN instead of the BLAS
-        ``sgemm`` behind ``nn.Linear``: on this project's AMD EPYC machine (MKL, which does not use AVX-512 there)
-        1.7x-1.8x faster for the whole layer at 1150 wide, forward and backward (``bench/bench_qrnn.py``).
+        ``sgemm`` behind ``nn.Linear``, which is faster where MKL does not use the CPU's widest vector units (AMD);
+        ``bench/bench_qrnn.py`` measures it.
         """
         weight, bias = self.linear.weight, self.linear.bias
         if (source.device.type != "cpu" or source.dtype not in _ONEDNN_DTYPES or weight.numel() < CPU_CONV_MIN_WEIGHT

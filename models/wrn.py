@@ -4,11 +4,20 @@ Source: fastai 0.7 ``fastai/models/cifar10/wideresnet.py`` (``wrn_22``), as summ
 pre-activation basic blocks whose residual branch is scaled by 0.2, widths 16 -> 96/192/384, convolutions without
 bias, head ``bn, relu, global average pool, linear``. ``WideResNet()`` with the defaults is that network
 (9.66 M parameters); ``depth`` and ``width`` shrink it for tests and CPU runs.
+
+fastai's block applies its shortcut to the activated input ``relu(bn(x))``, also where the shape does not change (its
+shortcut is then a no-op on the activated input), so such a block returns ``relu(bn(x)) + 0.2 * branch``.
+``shortcut="identity"`` gives the textbook pre-activation block of He et al. 2016 (``x + 0.2 * branch``) instead.
 """
 
 from __future__ import annotations
 
+from typing import Literal
+
 from torch import Tensor, nn
+
+#: What a block whose shape does not change adds its branch to: fastai's activated input, or the raw input.
+Shortcut = Literal["activated", "identity"]
 
 
 def conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
@@ -26,17 +35,23 @@ class PreActBlock(nn.Module):
 
     The shortcut is a 1x1 convolution of ``x2`` when the shape changes (fastai changes it only with the channel
     count, which in WRN-22 is also where the stride is; a stride without a channel change gets one here too, so
-    any ``width`` works), else the identity on ``x``.
+    any ``width`` works). Otherwise it is ``x2`` itself (``shortcut="activated"``, fastai's block) or the raw input
+    ``x`` (``shortcut="identity"``, He et al. 2016).
 
     Args:
         in_channels: channels of the input.
         out_channels: channels of the output.
         stride: stride of the first convolution (and of the shortcut).
         residual_scale: factor on the residual branch (fastai: 0.2).
+        shortcut: what a block of unchanged shape adds its branch to: ``"activated"`` (``relu(bn(x))``, fastai 0.7
+            ``wideresnet.py``) or ``"identity"`` (``x``).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, residual_scale: float = 0.2) -> None:
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, residual_scale: float = 0.2,
+                 shortcut: Shortcut = "activated") -> None:
         super().__init__()
+        if shortcut not in ("activated", "identity"):
+            raise ValueError(f"shortcut must be 'activated' (fastai's block) or 'identity', got {shortcut!r}.")
         self.bn1 = nn.BatchNorm2d(in_channels)
         self.conv1 = conv3x3(in_channels, out_channels, stride)
         self.bn2 = nn.BatchNorm2d(out_channels)
@@ -46,10 +61,14 @@ class PreActBlock(nn.Module):
             conv1x1(in_channels, out_channels, stride) if in_channels != out_channels or stride != 1 else None
         )
         self.residual_scale = residual_scale
+        self.shortcut_from_input = shortcut == "identity"
 
     def forward(self, x: Tensor) -> Tensor:
         x2 = self.relu(self.bn1(x))
-        identity = x if self.shortcut is None else self.shortcut(x2)
+        if self.shortcut is not None:
+            identity = self.shortcut(x2)
+        else:
+            identity = x if self.shortcut_from_input else x2
         out = self.conv1(x2)
         out = self.conv2(self.relu(self.bn2(out)))
         return identity + self.residual_scale * out
@@ -64,6 +83,8 @@ class WideResNet(nn.Module):
         num_classes: outputs of the final linear layer.
         stem_channels: channels of the first convolution (16).
         residual_scale: factor on every residual branch (0.2, fastai's DAWNBench WRN).
+        shortcut: the shortcut of the blocks whose shape does not change: ``"activated"`` (fastai's, the study's
+            network) or ``"identity"`` (the textbook pre-activation block); see :class:`PreActBlock`.
 
     Example::
 
@@ -78,6 +99,7 @@ class WideResNet(nn.Module):
         num_classes: int = 10,
         stem_channels: int = 16,
         residual_scale: float = 0.2,
+        shortcut: Shortcut = "activated",
     ) -> None:
         super().__init__()
         if depth < 10 or (depth - 4) % 6:
@@ -95,7 +117,8 @@ class WideResNet(nn.Module):
         in_channels = stem_channels
         for out_channels, stride in zip(widths, (1, 2, 2)):
             for i in range(blocks_per_group):
-                layers.append(PreActBlock(in_channels, out_channels, stride if i == 0 else 1, residual_scale))
+                layers.append(PreActBlock(in_channels, out_channels, stride if i == 0 else 1, residual_scale,
+                                          shortcut))
                 in_channels = out_channels
         self.features = nn.Sequential(*layers)
         self.head = nn.Sequential(

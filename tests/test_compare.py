@@ -9,10 +9,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
-from lightning_adamw.compare import deep_merge, main, markdown, summarise
+from lightning_adamw.experiments.compare import main
+from lightning_adamw.experiments.report import markdown, plot
+from lightning_adamw.experiments.results import summarise
+from lightning_adamw.experiments.runs import deep_merge
 
 TESTS = Path(__file__).resolve().parent
 
@@ -56,8 +60,12 @@ def test_deep_merge() -> None:
 
 def test_runs_every_variant_and_seed_then_skips_them(setup: Path, capsys: pytest.CaptureFixture) -> None:
     out = setup / "out"
-    result = main(["--config", str(setup / "tiny.yaml"), "--variants", "adamw,adam_l2", "--seeds", "1",
-                   "--out", str(out)])
+    args = ["--config", str(setup / "tiny.yaml"), "--variants", "adamw,adam_l2", "--seeds", "1", "--out", str(out)]
+    main([*args, "--only", "adam_l2:0"])  # one job-array task: that run only, no tables
+    assert (out / "adam_l2" / "seed0" / "result.json").exists() and not (out / "adamw" / "seed0").exists()
+    assert not (out / "results.md").exists()
+    result = main([*args, "--baseline", "adamw", "--target", "10"])
+    assert capsys.readouterr().out.count("done earlier: skipped") == 1
     rows = {r["variant"]: r for r in result["summary"]}
     assert set(rows) == {"adamw", "adam_l2"} and all(r["runs"] == 1 and r["epochs"] == 3 for r in rows.values())
     assert "test/loss" in rows["adamw"]["test"]
@@ -65,54 +73,135 @@ def test_runs_every_variant_and_seed_then_skips_them(setup: Path, capsys: pytest
     assert saved["metric"] == "val/loss" and len(saved["runs"]) == 2
     run = saved["runs"][0]
     assert len(run["history"]) == 3 and [s for s, _ in run["schedule"]["lr"]][:3] == [0, 1, 2]
+    assert run["history_epoch"] == [1.0, 2.0, 3.0]
+    assert 0 < run["history_elapsed_s"][0] < run["history_elapsed_s"][1] < run["history_elapsed_s"][2]
     assert run["schedule"]["wd"][0][1] > 0  # decoupled decay applied and logged for adamw
     assert not any(r["schedule"].get("wd") for r in saved["runs"] if r["variant"] == "adam_l2")  # L2: no decoupled
+    # every validation loss of these runs is below 10: reached at the first epoch, at its wall time
+    assert rows["adamw"]["to_target"]["reached"] == 1 and rows["adamw"]["to_target"]["epoch"] == (1.0, None)
+    assert rows["adamw"]["to_target"]["time_s"] == (run["history_elapsed_s"][0], None)
     table = (out / "results.md").read_text()
-    assert "| adamw | 1 |" in table and "±" in table
+    rows_md = [line for line in table.splitlines() if line.startswith("| ada")]
+    assert "| adamw | 1 |" in table and len(rows_md) == 2 and not any("±" in line for line in rows_md)  # one seed
+    assert "| baseline |" in table and "(one seed: no interval)" in table and "epochs to 10" in table
     for png in ("curves.png", "schedules.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     # each run has its own TensorBoard folder and checkpoints
     assert (out / "adam_l2" / "seed0" / "checkpoints" / "last.ckpt").exists()
     assert list((out / "adam_l2" / "seed0" / "tb" / "fit").glob("events.out.tfevents.*"))
-    capsys.readouterr()
-
-    main(["--config", str(setup / "tiny.yaml"), "--variants", "adamw,adam_l2", "--seeds", "1", "--out", str(out)])
-    assert capsys.readouterr().out.count("done earlier: skipped") == 2
 
 
-def test_interrupted_run_resumes(setup: Path) -> None:
+def test_interrupted_run_resumes_and_finished_runs_are_skipped(setup: Path) -> None:
     out = setup / "out"
     args = [sys.executable, "-m", "lightning_adamw", "compare", "--config", str(setup / "tiny.yaml"),
-            "--variants", "adamw", "--seeds", "1", "--out", str(out), "--no_evaluate", "--trainer.max_epochs", "60"]
+            "--variants", "adamw", "--seeds", "2", "--out", str(out), "--no_evaluate", "--trainer.max_epochs", "20"]
     runner = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               env=dict(os.environ), start_new_session=True)
     for line in runner.stdout:
-        if "epoch 3/60" in line:
+        if "adamw seed 1] epoch 3/20" in line:
             os.killpg(runner.pid, signal.SIGTERM)
             break
     output = runner.communicate(timeout=120)[0]
     assert runner.returncode != 0 and "stopped before the end" in output and "Repeat the same command" in output
-    assert (out / "adamw" / "seed0" / "checkpoints" / "last.ckpt").exists()
+    assert (out / "adamw" / "seed0" / "result.json").exists()
+    assert (out / "adamw" / "seed1" / "checkpoints" / "last.ckpt").exists()
+    assert not (out / "adamw" / "seed1" / "result.json").exists()
 
     resumed = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
-    assert "resuming from" in resumed.stdout
-    run = json.loads((out / "adamw" / "seed0" / "result.json").read_text())
-    steps = [s for s, _ in run["schedule"]["lr"]]
-    assert len(run["history"]) == 60 and steps == sorted(set(steps)) and steps[-1] == 60 * 8 - 1
+    assert "adamw seed 0] done earlier: skipped" in resumed.stdout
+    assert "adamw seed 1] resuming from" in resumed.stdout
+    runs = [json.loads((out / "adamw" / f"seed{s}" / "result.json").read_text()) for s in (0, 1)]
+    for run in runs:
+        steps = [s for s, _ in run["schedule"]["lr"]]
+        assert len(run["history"]) == 20 and steps == sorted(set(steps)) and steps[-1] == 20 * 8 - 1
+        elapsed = run["history_elapsed_s"]
+        assert all(a < b for a, b in zip(elapsed, elapsed[1:]))  # wall time summed over the two sessions
+    # the resumed run continues the same curve: both seeds' runs are deterministic, the interruption changes nothing
+    assert runs[1]["epochs"] == runs[0]["epochs"]
 
 
-def test_unknown_variant_and_missing_config(setup: Path) -> None:
+def test_refuses_unknown_variants_seeds_and_missing_config(setup: Path) -> None:
+    config = str(setup / "tiny.yaml")
     with pytest.raises(SystemExit, match="Unknown variant.*available: adam_l2, adamw"):
-        main(["--config", str(setup / "tiny.yaml"), "--variants", "adamm"])
+        main(["--config", config, "--variants", "adamm"])
     with pytest.raises(SystemExit, match="does not exist"):
         main(["--config", str(setup / "nope.yaml"), "--variants", "adamw"])
+    with pytest.raises(SystemExit, match="--baseline adam_l2 is not among --variants adamw"):
+        main(["--config", config, "--variants", "adamw", "--baseline", "adam_l2"])
+    with pytest.raises(SystemExit, match="--only adamw:5: not a variant:seed.*e.g. adamw:0"):
+        main(["--config", config, "--variants", "adamw", "--seeds", "2", "--only", "adamw:5"])
+
+
+def _run(variant: str, seed: int, history: list[float], **extra: object) -> dict:
+    return {"variant": variant, "seed": seed, "history": history, "epochs": len(history), "wall_time_s": 10.0,
+            "test": {}, **extra}
 
 
 def test_summary_and_table() -> None:
-    runs = [{"variant": "a", "history": [0.5, 0.8], "epochs": 2, "wall_time_s": 10.0, "test": {"test/acc": 0.8}},
-            {"variant": "a", "history": [0.6, 0.7], "epochs": 2, "wall_time_s": 12.0, "test": {"test/acc": 0.6}}]
+    runs = [_run("a", 0, [0.5, 0.8], test={"test/acc": 0.8}), _run("a", 1, [0.6, 0.7], test={"test/acc": 0.6})]
     (row,) = summarise(runs, "val/acc", "max")
     assert row["final"] == pytest.approx((0.75, 0.0707107), rel=1e-5)
-    assert row["best"] == pytest.approx((0.75, 0.0707107), rel=1e-5) and row["wall_time_s"] == 11.0
-    assert "75.00% ± 7.07" in markdown([row], "val/acc", "cmd")
+    assert row["best"] == pytest.approx((0.75, 0.0707107), rel=1e-5) and row["wall_time_s"] == 10.0
+    table = markdown([row], "val/acc", "cmd")
+    assert "75.00% ± 7.07" in table and "70.00% ± 14.14" in table  # final val/acc and test/acc
+
+
+def test_baseline_gap_is_welchs_interval() -> None:
+    """Oracle: Welch's t statistic, Welch-Satterthwaite degrees of freedom and the t quantile written out."""
+    from scipy import stats
+
+    a, b = [0.90, 0.93, 0.91, 0.95], [0.88, 0.89, 0.87]
+    runs = [_run("base", i, [v]) for i, v in enumerate(b)] + [_run("new", i, [v]) for i, v in enumerate(a)]
+    gap = {r["variant"]: r for r in summarise(runs, "val/acc", "max", baseline="base")}["new"]["vs_baseline"]
+    va, vb = np.var(a, ddof=1) / len(a), np.var(b, ddof=1) / len(b)
+    df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
+    diff, se = np.mean(a) - np.mean(b), np.sqrt(va + vb)
+    half = stats.t.ppf(0.975, df) * se
+    assert gap["diff"] == pytest.approx(diff) and gap["ci"] == pytest.approx([diff - half, diff + half])
+    assert gap["p"] == pytest.approx(2 * stats.t.sf(diff / se, df))
+    assert "p = " in markdown(summarise(runs, "val/acc", "max", baseline="base"), "val/acc", "cmd", "base")
+
+
+def test_runs_without_an_evaluation_are_flagged_not_blank(tmp_path: Path) -> None:
+    runs = [_run("a", 0, [0.5]), _run("a", 1, []), _run("b", 0, [])]
+    rows = summarise(runs, "val/acc", "max", baseline="a", target=0.4)
+    table = markdown(rows, "val/acc", "cmd", "a", 0.4)
+    assert "| a | 1 of 2 (!) | 50.00% |" in table and "| b | 1 of 1 (!) | no evaluation (!) |" not in table
+    assert "| b | 0 of 1 (!) | no evaluation (!) |" in table
+    assert "a seed 1: no val/acc logged" in table and "b seed 0: no val/acc logged" in table
+    assert len({line.count("|") for line in table.splitlines() if line.startswith("|")}) == 1  # every row complete
+    plot(runs, "val/acc", tmp_path)
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_time_to_target_with_and_without_tta() -> None:
+    runs = [_run("a", 0, [0.5, 0.8, 0.9], history_tta=[0.6, 0.9, 0.95], history_epoch=[1.0, 2.0, 3.0],
+                 history_elapsed_s=[10.0, 20.0, 30.0]),
+            _run("a", 1, [0.5, 0.7, 0.85], history_tta=[0.5, 0.8, 0.9], history_epoch=[1.0, 2.0, 3.0],
+                 history_elapsed_s=[12.0, 24.0, 36.0])]
+    (row,) = summarise(runs, "val/acc", "max", target=0.9)
+    assert row["to_target"] == {"reached": 1, "of": 2, "epoch": (3.0, None), "time_s": (30.0, None)}
+    assert row["to_target_tta"]["reached"] == 2 and row["to_target_tta"]["epoch"] == pytest.approx(
+        (2.5, np.std([2, 3], ddof=1)))
+    assert row["to_target_tta"]["time_s"] == pytest.approx((28.0, np.std([20, 36], ddof=1)))
+    table = markdown([row], "val/acc", "cmd", target=0.9)
+    assert "| 3.00 (1/2) | 30.00 s (1/2) | 2.50 ± 0.71 (2/2) | 28.00 ± 11.31 s (2/2) |" in table
+    (never,) = summarise(runs, "val/acc", "max", target=0.99)
+    assert "never (0/2)" in markdown([never], "val/acc", "cmd", target=0.99)
+
+
+def test_import_lightning_adamw_leaves_the_runner_out() -> None:
+    """The plugin imports none of the runner's dependencies nor the zoo (beyond what Lightning itself imports)."""
+    watched = ["matplotlib", "tensorboard", "yaml", "scipy", "ray", "models", "datamodules",
+               "lightning_adamw.experiments"]
+    probe = "import sys, json; import {}; print(json.dumps([m for m in {} if m in sys.modules]))"
+
+    def imported(module: str) -> set[str]:
+        done = subprocess.run([sys.executable, "-c", probe.format(module, watched)], capture_output=True, text=True,
+                              check=True, cwd=TESTS.parent)
+        return set(json.loads(done.stdout))
+
+    assert imported("lightning_adamw") <= imported("lightning.pytorch")
+    assert imported("lightning_adamw").isdisjoint({"tensorboard", "ray", "models", "datamodules",
+                                                   "lightning_adamw.experiments"})

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from test_lm_configs import shared_data_args
 from test_vision_configs import cars_overrides, cifar_overrides
 
@@ -24,16 +25,30 @@ def _cli_argv(monkeypatch: pytest.MonkeyPatch, one_thread: None) -> None:
     monkeypatch.setattr(sys, "argv", ["lightning_adamw"])
 
 
+def data_class(name: str) -> str:
+    """The short class name of a config's datamodule."""
+    return yaml.safe_load((ROOT / "configs" / f"{name}.yaml").read_text())["data"]["class_path"].rsplit(".", 1)[-1]
+
+
 def overrides(name: str, shared_data: Path, tmp_path: Path) -> list[str]:
-    if name.startswith("wikitext2"):
+    """Each datamodule's way to run on the shared data (tiny data and network), chosen by the config's data class."""
+    kind = data_class(name)
+    if kind == "WikiText2":
         return shared_data_args(shared_data, tmp_path)
-    if name == "cars":
+    if kind == "StanfordCarsDataModule":
         return cars_overrides(shared_data, tmp_path)
-    return [*cifar_overrides(shared_data, tmp_path), "--data.init_args.eval_subset", "64"]
+    if kind == "CIFAR10DataModule":
+        return [*cifar_overrides(shared_data, tmp_path), "--data.init_args.eval_subset", "64"]
+    raise KeyError(f"configs/{name}.yaml uses {kind}: add its shared-data overrides to tests/test_configs_ddp.py")
 
 
-def test_every_config_is_covered() -> None:
-    assert CONFIGS and all(n.startswith(("cifar10", "quickstart", "cars", "wikitext2")) for n in CONFIGS)
+def test_every_config_is_covered(shared_data: Path, tmp_path: Path) -> None:
+    # every config's datamodule has overrides that point it at the shared data (a new datamodule fails here)
+    for name in CONFIGS:
+        args = overrides(name, shared_data, tmp_path)
+        data_dir = next(a.split("=", 1)[1] if "=" in a else args[i + 1] for i, a in enumerate(args)
+                        if a.startswith("--data.init_args.data_dir"))
+        assert Path(data_dir).is_relative_to(shared_data) or Path(data_dir).is_relative_to(tmp_path), name
 
 
 @pytest.mark.parametrize("name", CONFIGS)

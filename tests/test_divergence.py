@@ -43,8 +43,13 @@ def test_loss_far_above_its_start_stops() -> None:
 
 
 def test_only_non_finite_when_no_ratio() -> None:
-    trainer(max_epochs=1, callbacks=[DivergenceGuard(max_ratio=None, warmup_steps=2)]).fit(
-        Blowup(at=4, value=1e6), loader())
+    # a loss 1e6 times its start is finite: without max_ratio the guard lets the run finish
+    tr = trainer(max_epochs=1, callbacks=[DivergenceGuard(max_ratio=None, warmup_steps=2)])
+    tr.fit(Blowup(at=4, value=1e6), loader())
+    assert tr.state.finished and not tr.should_stop and tr.global_step == tr.num_training_batches
+    with pytest.raises(DivergenceError, match="at step 4"):  # the same run with the ratio check stops there
+        trainer(max_epochs=1, callbacks=[DivergenceGuard(max_ratio=10, warmup_steps=2)]).fit(
+            Blowup(at=4, value=1e6), loader())
 
 
 def test_refuses_to_save_non_finite_weights(tmp_path: Path) -> None:

@@ -91,6 +91,39 @@ def test_freeze_then_unfreeze_with_a_fresh_cycle(tmp_path: Path) -> None:
     assert recorder.momenta[first] == pytest.approx([0.95] * 3)
 
 
+class OptimizerStateAtUnfreeze(pl.Callback):
+    """The optimizer state of the head's weight seen just before the first step after the unfreeze, and at the end."""
+
+    def __init__(self) -> None:
+        self.at_unfreeze: dict[str, Any] | None = None
+        self.final_steps: list[float] = []
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        if trainer.global_step == UNFREEZE * STEPS_PER_EPOCH:
+            self.at_unfreeze = {k: v.clone() for k, v in optimizer.state[pl_module.net[2].weight].items()}
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        optimizer = trainer.optimizers[0]
+        self.final_steps = [float(optimizer.state[p]["step"]) for p in pl_module.parameters()]
+
+
+@pytest.mark.parametrize("reset", [None, False])
+def test_the_unfreeze_starts_a_fresh_optimizer_as_the_study(reset: bool | None) -> None:
+    # fastai 0.7 built a new Adam at the unfreeze: no moments or step count carried over from the head-only phase
+    watch = OptimizerStateAtUnfreeze()
+    unfreeze = FreezeUnfreeze(UNFREEZE, lrs=LRS) if reset is None else FreezeUnfreeze(UNFREEZE, lrs=LRS,
+                                                                                       reset_optimizer_state=reset)
+    tr = trainer(max_epochs=EPOCHS, callbacks=[OneCycleWD(OneCycle2018(pct=0.1)), unfreeze, watch])
+    tr.fit(ThreeGroups(), loader())
+    after = (EPOCHS - UNFREEZE) * STEPS_PER_EPOCH
+    if reset is None:  # the default
+        assert watch.at_unfreeze == {}
+        assert watch.final_steps == [after] * len(watch.final_steps)  # every parameter restarted its count
+    else:
+        assert float(watch.at_unfreeze["step"]) == UNFREEZE * STEPS_PER_EPOCH
+        assert max(watch.final_steps) == EPOCHS * STEPS_PER_EPOCH
+
+
 @pytest.mark.parametrize("epoch", [0, 3])  # before and after the unfreeze
 def test_resume_across_the_unfreeze(tmp_path: Path, epoch: int) -> None:
     full, full_rec, _, _ = fit(tmp_path, "full")

@@ -13,7 +13,7 @@ import yaml
 
 from lightning_adamw import OneCycleWD
 from lightning_adamw.cli import main
-from lightning_adamw.compare import deep_merge
+from lightning_adamw.experiments.runs import deep_merge
 from lightning_adamw.registry import DECAY_OWNER_ATTR, DECOUPLED_WD_KEY
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,6 +73,7 @@ def test_configs_hold_the_recipe(
     assert (net["emb_size"], net["hidden_size"], net["num_layers"]) == sizes
     assert tuple(net[f"dropout_{k}"] for k in ("input", "output", "weight", "embedding", "hidden")) == drops
     assert (model["ar_alpha"], model["tar_beta"]) == ar_tar
+    assert (model["ar_on"], model["scale_lr_by_seq_len"]) == ("undropped", False)  # the study's loop
     assert model["optimizer"] == {"name": "adam", "lr": 5e-3, "betas": [0.8, 0.99], "weight_decay": wd, "wd_mode": "l2"}
     assert (model["cache_theta"], model["cache_lambda"], model["cache_window"]) == (0.662, 0.1279, 3785)
     assert (trainer["max_epochs"], trainer["gradient_clip_val"]) == (90, 0.12)
@@ -89,7 +90,7 @@ def test_fast_dev_run_on_the_shared_data(config: str, shared_data: Path, tmp_pat
     assert cli.trainer.state.finished and cli.trainer.global_step == 1
     assert math.isfinite(metrics["train/loss"]) and math.isfinite(metrics["val/ppl"])
     assert cli.model.network.vocab_size == cli.datamodule.vocab_size == 13_777  # linked through the datamodule
-    assert cli.model.lr_scale == cli.datamodule._train_windows.windows(0)[0][1] / 10  # seq_len / bptt
+    assert cli.model.lr_scale == 1.0  # the study's loop does not scale the lr by seq_len / bptt
 
 
 def test_decoupled_weight_decay_is_one_override_away(shared_data: Path, tmp_path: Path) -> None:

@@ -69,6 +69,24 @@ def test_training_loss_is_cross_entropy_plus_ar_and_tar() -> None:
     torch.testing.assert_close(loss, ce + 2.0 * ar + 1.0 * tar)
 
 
+@pytest.mark.parametrize("ar_on", ["undropped", "dropped"])
+def test_ar_is_taken_before_the_output_dropout_by_default(ar_on: str) -> None:
+    # the study's fastai 0.7 seq2seq_reg: AR on the last layer's output before the decoder's dropout
+    net = functools.partial(AWDLSTM, emb_size=8, hidden_size=12, num_layers=2, dropout_input=0.0,
+                            dropout_hidden=0.0, dropout_output=0.4, dropout_embedding=0.0, dropout_weight=0.0)
+    kwargs = {} if ar_on == "undropped" else {"ar_on": ar_on}
+    model = LanguageModel(net, vocab_size=30, ar_alpha=3.0, tar_beta=0.0, **kwargs).train()
+    inputs, targets = torch.randint(0, 30, (9, 4)), torch.randint(0, 30, (9, 4))
+    torch.manual_seed(5)
+    loss = call_quietly(model.training_step, (inputs, targets, 9), 0)
+    torch.manual_seed(5)  # the same dropout mask
+    out = model.network(inputs)
+    assert not torch.equal(out.output, out.raw_output)  # the dropout is active
+    ce = F.cross_entropy(model.network.decode(out.output).reshape(-1, 30), targets.reshape(-1))
+    hidden = out.raw_output if ar_on == "undropped" else out.output
+    torch.testing.assert_close(loss, ce + 3.0 * hidden.pow(2).mean())
+
+
 def test_hidden_state_is_carried_detached_and_reset_each_epoch() -> None:
     torch.manual_seed(1)
     model = LanguageModel(tiny_network(), vocab_size=30, ar_alpha=0.0, tar_beta=0.0).train()
@@ -100,15 +118,19 @@ class RecordLr(L.Callback):
         self.lrs.append(optimizer.param_groups[0]["lr"])
 
 
-def test_lr_is_scaled_by_seq_len_over_bptt_with_new_windows_each_epoch(small_wt2: Path) -> None:
+@pytest.mark.parametrize("scale", [False, True])
+def test_lr_is_scaled_by_seq_len_over_bptt_only_when_asked(small_wt2: Path, scale: bool) -> None:
+    # awd-lstm-lm scales the lr by seq_len / bptt; the study's fastai 0.7 loop (the default) does not
     torch.manual_seed(2)
     dm = WikiText2(str(small_wt2), download=False, batch_size=4, bptt=20)
-    model = LanguageModel(tiny_network(), optimizer=OptimizerConfig("adam", lr=0.01))
+    kwargs = {"scale_lr_by_seq_len": True} if scale else {}
+    model = LanguageModel(tiny_network(), optimizer=OptimizerConfig("adam", lr=0.01), **kwargs)
     record = RecordLr()
     trainer = L.Trainer(max_epochs=2, limit_train_batches=6, limit_val_batches=0,
                         callbacks=[OneCycleWD(Constant()), record], **QUIET)
     trainer.fit(model, dm)
-    assert record.lrs == pytest.approx([0.01 * n / 20 for n in record.seq_lens])
+    assert len(set(record.seq_lens)) > 1
+    assert record.lrs == pytest.approx([0.01 * (n / 20 if scale else 1.0) for n in record.seq_lens])
     windows = dm._train_windows
     assert record.seq_lens == [n for _, n in windows.windows(0)[:6] + windows.windows(1)[:6]]
     assert dm.state_dict()["train_epoch"] == 2 and record.seq_lens[:6] != record.seq_lens[6:]
@@ -127,6 +149,7 @@ def direct_perplexity(model: LanguageModel, ids: torch.Tensor, streams: int) -> 
 def test_validation_perplexity_is_exact(small_wt2: Path, eval_batch_size: int) -> None:
     torch.manual_seed(3)
     dm = WikiText2(str(small_wt2), download=False, eval_batch_size=eval_batch_size, eval_bptt=13)
+    dm.setup("validate")  # settles the vocabulary, as the Trainer does before building the model
     model = LanguageModel(tiny_network("qrnn"), vocab_size=dm.vocab_size)
     result = L.Trainer(**QUIET).validate(model, dm, verbose=False)[0]
     dm.setup("validate")
@@ -139,6 +162,7 @@ def test_perplexity_under_ddp_counts_every_token_once(small_wt2: Path) -> None:
     """Two CPU processes with one stream each read exactly the two streams of one process with eval_batch_size=2."""
     torch.manual_seed(4)
     dm = WikiText2(str(small_wt2), download=False, eval_batch_size=1, eval_bptt=50)
+    dm.setup("validate")  # settles the vocabulary, as the Trainer does before building the model
     model = LanguageModel(tiny_network("qrnn"), vocab_size=dm.vocab_size)
     expected = direct_perplexity(model, dm._encode("valid"), streams=2)
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", **QUIET)
@@ -169,6 +193,7 @@ def test_checkpoint_reloads_without_the_data(small_wt2: Path, tmp_path: Path) ->
         lines = (small_wt2 / f"wiki.{split}.tokens").read_text(encoding="utf-8").splitlines(keepends=True)
         (other / f"wiki.{split}.tokens").write_text("".join(lines[:40] if split == "train" else lines))
     other_dm = WikiText2(str(other), download=False)
+    other_dm.setup("test")
     assert other_dm.vocab_size < dm.vocab_size
     fresh = LanguageModel(tiny_network("qrnn"))  # sized from other_dm by configure_model, resized by the checkpoint
     with pytest.warns(UserWarning, match="checkpoint's vocabulary"):

@@ -12,7 +12,7 @@ from test_vision_configs import cifar_overrides
 
 from lightning_adamw import OneCycleWD, ScheduleFreeEval
 from lightning_adamw.cli import main
-from lightning_adamw.compare import deep_merge, default_variants_file
+from lightning_adamw.experiments.runs import deep_merge, default_variants_file
 from lightning_adamw.registry import get_optimizer_entry
 
 ROOT = Path(__file__).resolve().parents[1]

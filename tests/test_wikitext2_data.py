@@ -51,6 +51,10 @@ def test_vocabulary_is_built_on_the_train_split_and_oov_is_reported(
     wt2: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     dm = WikiText2(str(wt2), download=False, train_split="valid", val_split="valid", test_split="test")
+    with pytest.raises(RuntimeError, match=r"settled in setup\(\)"):  # Lightning's contract: data is read in setup
+        _ = dm.vocab_size
+    dm.prepare_data()  # nothing to download
+    dm.setup("fit")
     valid_tokens, _ = read_tokens(wt2 / "wiki.valid.tokens")
     test_tokens, _ = read_tokens(wt2 / "wiki.test.tokens")
     assert dm.vocab_size == len(set(valid_tokens)) == 13_777  # <unk> and <eos> are words of WikiText
@@ -124,8 +128,11 @@ def test_streams_are_split_between_devices() -> None:
 
 
 def test_missing_files_say_what_is_expected_and_where(tmp_path: Path) -> None:
+    dm = WikiText2(str(tmp_path / "wt2"), download=False)  # builds nothing: the files are looked for by the hooks
     with pytest.raises(FileNotFoundError) as err:
-        WikiText2(str(tmp_path / "wt2"), download=False)
+        dm.prepare_data()
+    with pytest.raises(FileNotFoundError, match="download=False"):
+        dm.setup("fit")
     message = str(err.value)
     for expected in ("wiki.train.tokens", "wiki.valid.tokens", "wiki.test.tokens", wikitext2.MIRROR, "download=False"):
         assert expected in message
@@ -167,6 +174,11 @@ def test_download_fetches_missing_files_and_verifies_them(
     monkeypatch.setattr(wikitext2.urllib.request, "urlopen", web)
     shutil.copy(wt2 / "wiki.valid.tokens", tmp_path / "wiki.train.tokens")  # present: not fetched
     dm = WikiText2(str(tmp_path), download=True)
+    assert web.requested == []  # nothing is fetched on construction (it would run on every DDP rank)
+    with pytest.raises(FileNotFoundError, match=r"prepare_data\(\) was not called"):
+        dm.setup("fit")
+    dm.prepare_data()
+    dm.setup("fit")
     assert web.requested == [f"{wikitext2.MIRROR}/valid.txt", f"{wikitext2.MIRROR}/test.txt"]
     assert (tmp_path / "wiki.test.tokens").read_bytes() == (wt2 / "wiki.test.tokens").read_bytes()
     assert dm.vocab_size == 13_777
@@ -182,16 +194,17 @@ def test_download_rejects_a_wrong_file_and_leaves_nothing(
     monkeypatch.setattr(wikitext2.urllib.request, "urlopen", web)
     with pytest.raises(ValueError, match=r"is not the WikiText-2 v1 train split: lines 3760 \(expected 36718\), tokens "
                                          r"217646 \(expected 2088628\)"):
-        WikiText2(str(tmp_path / "a"), download=True)
+        WikiText2(str(tmp_path / "a"), download=True).prepare_data()
     with pytest.raises(ValueError, match=r"valid\.txt\) is not the WikiText-2 v1 valid split: .*token_sha256"):
-        WikiText2(str(tmp_path / "b"), download=True, train_split="valid", val_split="valid", test_split="valid")
+        WikiText2(str(tmp_path / "b"), download=True, train_split="valid", val_split="valid",
+                  test_split="valid").prepare_data()
     assert list((tmp_path / "a").iterdir()) == [] and list((tmp_path / "b").iterdir()) == []
 
 
 def test_offline_download_explains_how_to_get_the_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(wikitext2.urllib.request, "urlopen", _FakeWeb({}))
     with pytest.raises(FileNotFoundError, match=r"download from .* failed: <urlopen error offline>") as err:
-        WikiText2(str(tmp_path), download=True)
+        WikiText2(str(tmp_path), download=True).prepare_data()
     assert wikitext2.OFFICIAL_ARCHIVE in str(err.value)
 
 
@@ -202,6 +215,7 @@ def test_vocabulary_travels_with_the_checkpoint(valid_as_train: WikiText2, wt2: 
     shutil.copy(wt2 / "wiki.test.tokens", tmp_path / "wiki.train.tokens")
     shutil.copy(wt2 / "wiki.test.tokens", tmp_path / "wiki.test.tokens")
     other = WikiText2(str(tmp_path), download=False, val_split="test")
+    other.setup("fit")
     assert other.vocab_size == 14_143
     with pytest.warns(UserWarning, match="checkpoint's vocabulary"):
         other.load_state_dict(state)

@@ -41,21 +41,53 @@ def test_block_is_preactivation_with_scaled_residual_branch() -> None:
         bn.running_var.uniform_(0.5, 2)
     x = torch.randn(2, 8, 8, 8, dtype=torch.float64)
 
-    def bn(m: torch.nn.BatchNorm2d, t: torch.Tensor) -> torch.Tensor:
-        return F.batch_norm(t, m.running_mean, m.running_var, m.weight, m.bias, training=False)
-
-    x2 = F.relu(bn(block.bn1, x))
+    x2 = F.relu(bn_eval(block.bn1, x))
     shortcut = F.conv2d(x2, block.shortcut.weight, stride=2)
     branch = F.conv2d(x2, block.conv1.weight, stride=2, padding=1)
-    branch = F.conv2d(F.relu(bn(block.bn2, branch)), block.conv2.weight, padding=1)
+    branch = F.conv2d(F.relu(bn_eval(block.bn2, branch)), block.conv2.weight, padding=1)
     torch.testing.assert_close(block(x), shortcut + 0.2 * branch)
 
 
-def test_identity_shortcut_when_shape_is_kept() -> None:
-    block = PreActBlock(8, 8, stride=1, residual_scale=0.0).eval()
+def bn_eval(m: torch.nn.BatchNorm2d, t: torch.Tensor) -> torch.Tensor:
+    return F.batch_norm(t, m.running_mean, m.running_var, m.weight, m.bias, training=False)
+
+
+def test_unchanged_shape_block_adds_its_branch_to_the_activated_input_as_fastai() -> None:
+    # fastai 0.7 wideresnet.py: the shortcut of a same-shape block is a no-op applied to x2 = relu(bn(x))
+    torch.manual_seed(0)
+    block = PreActBlock(8, 8, stride=1, residual_scale=0.0).double().eval()
+    block.bn1.running_mean.uniform_(-1, 1)
+    block.bn1.running_var.uniform_(0.5, 2)
     assert block.shortcut is None
+    x = torch.randn(2, 8, 4, 4, dtype=torch.float64)
+    x2 = F.relu(bn_eval(block.bn1, x))
+    torch.testing.assert_close(block(x), x2)  # branch scaled to zero: relu(bn(x)), not the raw input
+    block.residual_scale = 0.2
+    branch = F.conv2d(F.relu(bn_eval(block.bn2, F.conv2d(x2, block.conv1.weight, padding=1))), block.conv2.weight,
+                      padding=1)
+    torch.testing.assert_close(block(x), x2 + 0.2 * branch)
+
+
+def test_textbook_identity_shortcut_is_an_option() -> None:
+    block = PreActBlock(8, 8, stride=1, residual_scale=0.0, shortcut="identity").eval()
     x = torch.randn(2, 8, 4, 4)
-    torch.testing.assert_close(block(x), x)  # branch scaled to zero: the raw input passes (not relu(bn(x)))
+    torch.testing.assert_close(block(x), x)  # He et al. 2016: the raw input passes
+    net = WideResNet(depth=10, width=1, shortcut="identity")
+    assert all(b.shortcut_from_input for b in net.features if isinstance(b, PreActBlock))
+    with pytest.raises(ValueError, match="'activated'"):
+        PreActBlock(8, 8, shortcut="raw")  # type: ignore[arg-type]
+
+
+def test_wrn22_is_the_studys_network_by_default() -> None:
+    # 6 of WRN-22's 9 blocks keep their shape; by default every one of them adds to relu(bn(x))
+    net = WideResNet()
+    same_shape = [b for b in net.features if isinstance(b, PreActBlock) and b.shortcut is None]
+    assert len(same_shape) == 6 and not any(b.shortcut_from_input for b in same_shape)
+    x = torch.randn(2, 3, 32, 32)
+    net.eval()
+    textbook = WideResNet(shortcut="identity").eval()
+    textbook.load_state_dict(net.state_dict())  # the same parameters: only the function differs
+    assert not torch.allclose(net(x), textbook(x))
 
 
 @pytest.mark.parametrize("depth", [9, 12, 4])
