@@ -31,6 +31,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.datasets import CIFAR10
+from torchvision.datasets.utils import check_integrity
 from torchvision.transforms import v2
 
 #: RECIPES.md, "Models": CIFAR-10 channel mean and standard deviation.
@@ -275,6 +276,22 @@ class CIFAR10DataModule(LightningDataModule):
             "data.init_args.data_dir to the folder that holds cifar-10-batches-py/."
         )
 
+    def _bad_files_message(self) -> str:
+        """Which of torchvision's files are missing or fail their md5 check, by name."""
+        checksums = [*CIFAR10.train_list, *CIFAR10.test_list, [CIFAR10.meta["filename"], CIFAR10.meta["md5"]]]
+        missing = [name for name, _ in checksums if not (self.folder / name).is_file()]
+        if len(missing) == len(checksums):
+            return self._missing_message("was not found")
+        corrupt = [str(self.folder / name) for name, md5 in checksums
+                   if name not in missing and not check_integrity(str(self.folder / name), md5)]
+        problems = ([f"{', '.join(corrupt)} {'fails' if len(corrupt) == 1 else 'fail'} the md5 check of the "
+                     "official release (truncated or corrupted)"] if corrupt else [])
+        problems += [f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing"] if missing else []
+        return (
+            f"CIFAR-10 in {self.folder}: {'; '.join(problems)}. Delete the bad files and run with "
+            f"data.init_args.download=true, or extract them again from {CIFAR10_URL}."
+        )
+
     def prepare_data(self) -> None:
         """Download the archive into ``data_dir`` when files are missing and ``download`` is on (rank 0 only)."""
         if not self.download or all((self.folder / name).is_file() for name in CIFAR10_FILES):
@@ -287,8 +304,8 @@ class CIFAR10DataModule(LightningDataModule):
     def _read(self, train: bool) -> tuple[Tensor, Tensor]:
         try:
             dataset = CIFAR10(str(self.data_dir), train=train, download=False)
-        except RuntimeError as err:  # torchvision: "Dataset not found or corrupted."
-            raise RuntimeError(self._missing_message("was not found or failed its md5 check")) from err
+        except RuntimeError as err:  # torchvision: "Dataset not found or corrupted." (for any of the seven files)
+            raise RuntimeError(self._bad_files_message()) from err
         images = torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous()
         return images, torch.tensor(dataset.targets, dtype=torch.long)
 
@@ -358,7 +375,19 @@ class CIFAR10DataModule(LightningDataModule):
                              flip_bits=None if flip_bits is None else flip_bits.to(device))
 
     def train_dataloader(self) -> DeviceBatches | DataLoader:
-        return self._loader("train", train=True)
+        loader = self._loader("train", train=True)
+        n = len(self.splits["train"][1])
+        world_size = self._rank()[1]
+        # the device loader's sampler drops the remainder across devices; Lightning's DistributedSampler pads it
+        per_device = n // world_size if self.loader == "device" else math.ceil(n / world_size)
+        if per_device == 0 or (self.drop_last and per_device < self.batch_size):
+            subset = f"train_subset={self.train_subset}" if self.train_subset is not None else "the training split"
+            raise ValueError(
+                f"CIFAR-10: {subset} gives {per_device} training images per device (of {world_size}), fewer than "
+                f"one batch of batch_size={self.batch_size}{' with drop_last=true' * self.drop_last}: no training "
+                "step. Raise train_subset, lower batch_size or set drop_last=false."
+            )
+        return loader
 
     def val_dataloader(self) -> DeviceBatches | DataLoader:
         return self._loader("val", train=False)
