@@ -6,6 +6,11 @@ the CIFAR-10 normalisation of RECIPES.md). The padding repeats the edge pixel by
 reflection, which does not repeat it. The last, incomplete training batch is kept, as the study's loader kept it
 (391 steps per epoch at batch 128); ``drop_last=True`` drops it.
 
+For the airbench recipe (``configs/cifar10_fast.yaml``): ``pad=2`` with ``padding_mode="reflect"`` gives its
+translate-by-2 crops, and ``flip="alternating"`` its derandomised flip (K. Jordan, arXiv:2404.00498): each training
+image is flipped at random in the first epoch and the opposite way from the previous epoch after that, so every
+image is seen both ways in every pair of epochs. The flips are a function of the seed, the image and the epoch.
+
 * ``loader="device"`` (default): each split is one uint8 tensor moved once to the training device; batches are
   slices of it and are normalised and augmented there, a whole batch at a time, in ``on_after_batch_transfer``
   (how the speed-record CIFAR-10 trainers, e.g. airbench, keep the GPU fed).
@@ -27,6 +32,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.datasets import CIFAR10
+from torchvision.datasets.utils import check_integrity
 from torchvision.transforms import v2
 
 #: RECIPES.md, "Models": CIFAR-10 channel mean and standard deviation.
@@ -35,6 +41,7 @@ CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 #: RECIPES.md: pad 4, then a random 32x32 crop.
 PAD = 4
 PaddingMode = Literal["symmetric", "reflect"]
+FlipMode = Literal["random", "alternating"]
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_FILES = ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch",
                  "batches.meta")
@@ -94,10 +101,10 @@ def normalize(images: Tensor) -> Tensor:
     return images.float().mul_(1.0 / (255.0 * std)).sub_(shift)
 
 
-def train_transform(mode: PaddingMode = "symmetric") -> v2.Compose:
+def train_transform(mode: PaddingMode = "symmetric", pad: int = PAD) -> v2.Compose:
     """The per-image PIL training transform of the torchvision path (the same augmentation as ``random_crop_flip``)."""
     return v2.Compose([
-        v2.RandomCrop(32, padding=PAD, padding_mode=mode),
+        v2.RandomCrop(32, padding=pad, padding_mode=mode),
         v2.RandomHorizontalFlip(),
         *eval_transform().transforms,
     ])
@@ -126,17 +133,20 @@ class DeviceBatches:
         batch_size: images per batch.
         sampler: yields the indices of one epoch.
         drop_last: drop the last, incomplete batch.
+        flip_bits: ``(N,)`` booleans for alternating flips: image ``i`` comes mirrored (width axis) in epoch ``e``
+            when ``flip_bits[i] != (e % 2 == 1)``, ``e`` being the sampler's ``epoch``; ``None``: no flips here.
         generator: the generator of the training augmentation's draws, saved and restored with the position.
     """
 
     def __init__(self, images: Tensor, labels: Tensor, batch_size: int, sampler: DistributedSampler | range,
-                 drop_last: bool, generator: torch.Generator | None = None) -> None:
+                 drop_last: bool, flip_bits: Tensor | None = None, generator: torch.Generator | None = None) -> None:
         self.images = images
         self.labels = labels
         self.batch_size = batch_size
         self.sampler = sampler
         self.batch_sampler = None
         self.drop_last = drop_last
+        self.flip_bits = flip_bits
         self.generator = generator
         self._epoch = 0
         self._served = 0
@@ -151,10 +161,15 @@ class DeviceBatches:
         resume, self._resume = self._resume, None
         self._served = resume[1] if resume is not None and resume[0] == self._epoch else 0
         order = torch.tensor(list(self.sampler), dtype=torch.long, device=self.images.device)
+        odd_epoch = self._epoch % 2 == 1
         for i in range(self._served, len(self)):
             index = order[i * self.batch_size:(i + 1) * self.batch_size]
+            images = self.images[index]
+            if self.flip_bits is not None:
+                flip = (self.flip_bits[index] != odd_epoch).view(-1, 1, 1, 1)
+                images = torch.where(flip, images.flip(3), images)
             self._served = i + 1  # counted when handed out: Lightning fetches a sized loader's batches one by one
-            yield self.images[index], self.labels[index]
+            yield images, self.labels[index]
 
     def _rank(self) -> int:
         return getattr(self.sampler, "rank", 0)
@@ -212,6 +227,9 @@ class CIFAR10DataModule(LightningDataModule):
         padding_mode: ``"symmetric"`` (the edge pixel repeated, as the study's fastai 0.7 loader) or ``"reflect"``
             (torch's reflection) for the crops' padding.
         drop_last: drop the last, incomplete training batch (the study kept it: 391 steps per epoch at batch 128).
+        pad: padding on each side before the random 32x32 crop (the study: 4; airbench's translate-by-2: 2).
+        flip: ``"random"``: a fair flip per image and epoch (the study); ``"alternating"``: airbench's alternating
+            flip (see the module docstring; device loader only).
 
     Example::
 
@@ -234,6 +252,8 @@ class CIFAR10DataModule(LightningDataModule):
         seed: int = 0,
         padding_mode: PaddingMode = "symmetric",
         drop_last: bool = False,
+        pad: int = PAD,
+        flip: FlipMode = "random",
     ) -> None:
         super().__init__()
         if loader not in ("device", "torchvision"):
@@ -242,6 +262,15 @@ class CIFAR10DataModule(LightningDataModule):
             raise ValueError(f"padding_mode must be 'symmetric' or 'reflect', got {padding_mode!r}.")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+        if not 0 <= pad < 32:
+            raise ValueError(f"pad must lie in [0, 32) pixels (0: no crops), got {pad}.")
+        if flip not in ("random", "alternating"):
+            raise ValueError(f"flip must be 'random' or 'alternating', got {flip!r}.")
+        if flip == "alternating" and loader != "device":
+            raise ValueError(
+                "flip='alternating' needs loader='device' (the flips follow each image's index, which the "
+                "torchvision loader's per-image transforms do not see); use loader='device' or flip='random'."
+            )
         if not 0 <= val_size < 50_000:
             raise ValueError(f"val_size must lie in [0, 50000) (0 validates on the test set), got {val_size}.")
         for name, value in (("train_subset", train_subset), ("eval_subset", eval_subset)):
@@ -264,6 +293,8 @@ class CIFAR10DataModule(LightningDataModule):
         self.seed = seed
         self.padding_mode = padding_mode
         self.drop_last = drop_last
+        self.pad = pad
+        self.flip = flip
         self.splits: dict[str, tuple[Tensor, Tensor]] = {}
         # made when training starts: a torch.Generator cannot be pickled into ddp_spawn's worker processes
         self._augment_generator: torch.Generator | None = None
@@ -282,6 +313,22 @@ class CIFAR10DataModule(LightningDataModule):
             "data.init_args.data_dir to the folder that holds cifar-10-batches-py/."
         )
 
+    def _bad_files_message(self) -> str:
+        """Which of torchvision's files are missing or fail their md5 check, by name."""
+        checksums = [*CIFAR10.train_list, *CIFAR10.test_list, [CIFAR10.meta["filename"], CIFAR10.meta["md5"]]]
+        missing = [name for name, _ in checksums if not (self.folder / name).is_file()]
+        if len(missing) == len(checksums):
+            return self._missing_message("was not found")
+        corrupt = [str(self.folder / name) for name, md5 in checksums
+                   if name not in missing and not check_integrity(str(self.folder / name), md5)]
+        problems = ([f"{', '.join(corrupt)} {'fails' if len(corrupt) == 1 else 'fail'} the md5 check of the "
+                     "official release (truncated or corrupted)"] if corrupt else [])
+        problems += [f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing"] if missing else []
+        return (
+            f"CIFAR-10 in {self.folder}: {'; '.join(problems)}. Delete the bad files and run with "
+            f"data.init_args.download=true, or extract them again from {CIFAR10_URL}."
+        )
+
     def prepare_data(self) -> None:
         """Download the archive into ``data_dir`` when files are missing and ``download`` is on (rank 0 only)."""
         if not self.download or all((self.folder / name).is_file() for name in CIFAR10_FILES):
@@ -294,8 +341,8 @@ class CIFAR10DataModule(LightningDataModule):
     def _read(self, train: bool) -> tuple[Tensor, Tensor]:
         try:
             dataset = CIFAR10(str(self.data_dir), train=train, download=False)
-        except RuntimeError as err:  # torchvision: "Dataset not found or corrupted."
-            raise RuntimeError(self._missing_message("was not found or failed its md5 check")) from err
+        except RuntimeError as err:  # torchvision: "Dataset not found or corrupted." (for any of the seven files)
+            raise RuntimeError(self._bad_files_message()) from err
         images = torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous()
         return images, torch.tensor(dataset.targets, dtype=torch.long)
 
@@ -323,6 +370,16 @@ class CIFAR10DataModule(LightningDataModule):
         n = len(labels) if self.eval_subset is None else self.eval_subset
         return images[:n], labels[:n]
 
+    def train_images(self, n: int | None = None) -> Tensor:
+        """The first ``n`` training images (all with ``None``), unaugmented and normalised, on the CPU.
+
+        For networks initialised from data (the whitening of ``models.airbench.AirbenchNet``); call ``setup("fit")``
+        first.
+        """
+        if "train" not in self.splits:
+            raise RuntimeError("CIFAR10DataModule.train_images: call setup('fit') before reading the training images.")
+        return normalize(self.splits["train"][0][:n])
+
     # ------------------------------------------------------------------ loaders
     def _rank(self) -> tuple[int, int]:
         trainer = self.trainer
@@ -333,7 +390,8 @@ class CIFAR10DataModule(LightningDataModule):
             raise RuntimeError(f"CIFAR10DataModule: call setup() for the {split!r} split before its dataloader.")
         images, labels = self.splits[split]
         if self.loader == "torchvision":
-            dataset = PILImages(images, labels, train_transform(self.padding_mode) if train else eval_transform())
+            dataset = PILImages(images, labels,
+                                train_transform(self.padding_mode, self.pad) if train else eval_transform())
             return DataLoader(dataset, batch_size=self.batch_size, shuffle=train, drop_last=train and self.drop_last,
                               num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
                               pin_memory=torch.cuda.is_available())
@@ -346,11 +404,28 @@ class CIFAR10DataModule(LightningDataModule):
         sampler = (DistributedSampler(range(len(labels)), num_replicas=world_size, rank=rank, shuffle=True,
                                       seed=self.seed, drop_last=True)
                    if train else range(rank, len(labels), world_size))
+        # alternating flips: one fair coin per training image from the seed, the same on every rank
+        flip_bits = (torch.rand(len(labels), generator=torch.Generator().manual_seed(self.seed)) < 0.5
+                     if train and self.flip == "alternating" else None)
         return DeviceBatches(images.to(device), labels.to(device), self.batch_size, sampler,
-                             drop_last=train and self.drop_last, generator=self._augment_generator if train else None)
+                             drop_last=train and self.drop_last,
+                             flip_bits=None if flip_bits is None else flip_bits.to(device),
+                             generator=self._augment_generator if train else None)
 
     def train_dataloader(self) -> DeviceBatches | DataLoader:
-        return self._loader("train", train=True)
+        loader = self._loader("train", train=True)
+        n = len(self.splits["train"][1])
+        world_size = self._rank()[1]
+        # the device loader's sampler drops the remainder across devices; Lightning's DistributedSampler pads it
+        per_device = n // world_size if self.loader == "device" else math.ceil(n / world_size)
+        if per_device == 0 or (self.drop_last and per_device < self.batch_size):
+            subset = f"train_subset={self.train_subset}" if self.train_subset is not None else "the training split"
+            raise ValueError(
+                f"CIFAR-10: {subset} gives {per_device} training images per device (of {world_size}), fewer than "
+                f"one batch of batch_size={self.batch_size}{' with drop_last=true' * self.drop_last}: no training "
+                "step. Raise train_subset, lower batch_size or set drop_last=false."
+            )
+        return loader
 
     def val_dataloader(self) -> DeviceBatches | DataLoader:
         return self._loader("val", train=False)
@@ -369,7 +444,12 @@ class CIFAR10DataModule(LightningDataModule):
             return normalize(images)
         if self._augment_generator is None:
             self._augment_generator = torch.Generator().manual_seed(self.seed)
-        return normalize(random_crop_flip(images, self._augment_generator, mode=self.padding_mode))
+        if self.flip == "alternating":  # flipped already by DeviceBatches: crops only
+            n = images.shape[0]
+            top, left = torch.randint(0, 2 * self.pad + 1, (2, n), generator=self._augment_generator).to(images.device)
+            no_flip = torch.zeros(n, dtype=torch.bool, device=images.device)
+            return normalize(crop_flip(images, top, left, no_flip, self.pad, self.padding_mode))
+        return normalize(random_crop_flip(images, self._augment_generator, self.pad, self.padding_mode))
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         if self.loader != "device":
@@ -383,4 +463,4 @@ class CIFAR10DataModule(LightningDataModule):
         Padding, cropping and flipping commute with the per-channel normalisation, so this is the same transform the
         training images get.
         """
-        return random_crop_flip(images, generator, mode=self.padding_mode)
+        return random_crop_flip(images, generator, self.pad, self.padding_mode)

@@ -237,7 +237,7 @@ def param_groups(
     params: nn.Module | Sequence[nn.Module] | Iterable[torch.Tensor],
     *,
     lr: float | Sequence[float],
-    weight_decay: float = 0.0,
+    weight_decay: float | Sequence[float] = 0.0,
     wd_mode: WdMode = "l2",
     exclude_bias_and_norm: bool = False,
     split: Callable[[str, torch.Tensor], Mapping[str, Any]] | None = None,
@@ -247,7 +247,8 @@ def param_groups(
     Args:
         params: a module, a list of modules (layer groups, e.g. body then head) or an iterable of parameters.
         lr: one learning rate, or one per layer group (discriminative learning rates).
-        weight_decay: the decay; where it goes depends on ``wd_mode`` (see the module docstring).
+        weight_decay: the decay, or one per layer group; where it goes depends on ``wd_mode`` (see the module
+            docstring).
         wd_mode: ``"l2"`` or ``"decoupled"``.
         exclude_bias_and_norm: no decay for biases and 1-d parameters (normalisation weights). The 2018 study
             decayed everything, hence the default ``False``.
@@ -261,11 +262,15 @@ def param_groups(
     lrs = [float(lr)] * len(groups) if isinstance(lr, (int, float)) else [float(x) for x in lr]
     if len(lrs) != len(groups):
         raise ValueError(f"Got {len(lrs)} learning rates for {len(groups)} layer groups; give one per group.")
-    if weight_decay < 0:
+    wds = ([float(weight_decay)] * len(groups) if isinstance(weight_decay, (int, float))
+           else [float(x) for x in weight_decay])
+    if len(wds) != len(groups):
+        raise ValueError(f"Got {len(wds)} weight decays for {len(groups)} layer groups; give one, or one per group.")
+    if min(wds) < 0:
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay}.")
     seen: set[int] = set()
     out: list[dict[str, Any]] = []
-    for index, (named, group_lr) in enumerate(zip(groups, lrs)):
+    for index, (named, group_lr, group_wd) in enumerate(zip(groups, lrs, wds)):
         buckets: dict[tuple[bool, tuple[tuple[str, Any], ...]], list[torch.Tensor]] = {}
         for name, p in named:
             if id(p) in seen:
@@ -275,7 +280,7 @@ def param_groups(
             no_decay = exclude_bias_and_norm and _is_no_decay(name, p)
             buckets.setdefault((no_decay, extra), []).append(p)
         for (no_decay, extra), plist in sorted(buckets.items(), key=lambda item: item[0][0]):
-            wd = 0.0 if no_decay else weight_decay
+            wd = 0.0 if no_decay else group_wd
             out.append(
                 {
                     "params": plist,
@@ -323,7 +328,7 @@ def build_optimizer(
     name: str = "adam",
     *,
     lr: float | Sequence[float] = 1e-3,
-    weight_decay: float = 0.0,
+    weight_decay: float | Sequence[float] = 0.0,
     wd_mode: WdMode | None = None,
     exclude_bias_and_norm: bool = False,
     **kwargs: Any,
@@ -363,7 +368,7 @@ def build_optimizer(
     if entry.native_weight_decay != "none":
         options["weight_decay"] = 0.0  # set per group above
     optimizer = entry.factory(groups, lr=groups[0]["lr"], **options)
-    if mode == "decoupled" and weight_decay > 0 and not owned_by_optimizer:
+    if mode == "decoupled" and any(g[DECOUPLED_WD_KEY] > 0 for g in groups) and not owned_by_optimizer:
         optimizer.register_step_post_hook(_require_decay_owner)
     return optimizer
 
@@ -382,7 +387,7 @@ class OptimizerConfig:
         layer_decay: timm's ``layer_decay``: layer group ``i`` of ``n`` gets ``lr * layer_decay ** (n - 1 - i)``, so
             the head keeps ``lr`` and each group below it is ``layer_decay`` times slower (timm's
             ``param_groups_layer_decay``; ViT fine-tuning uses 0.65-0.75). Needs a single ``lr``.
-        weight_decay: weight decay (``wd`` in the study); see ``wd_mode``.
+        weight_decay: weight decay (``wd`` in the study), or one per layer group; see ``wd_mode``.
         wd_mode: ``"l2"`` or ``"decoupled"``; ``None`` takes the name's default (``adamw``/``sgdw``: decoupled).
         betas: Adam's ``(beta1, beta2)``; the 2018 recipes use beta2 = 0.99.
         momentum: SGD/RMSprop/Muon momentum.
@@ -404,7 +409,7 @@ class OptimizerConfig:
     lr: float | list[float] | None = None
     lr_range: tuple[float, float] | None = None
     layer_decay: float | None = None
-    weight_decay: float = 0.0
+    weight_decay: float | list[float] = 0.0
     wd_mode: WdMode | None = None
     betas: tuple[float, float] | None = None
     momentum: float | None = None

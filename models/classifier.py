@@ -11,11 +11,21 @@ normalised evaluation images (``CIFAR10DataModule``: reflect-pad crop and flip; 
 "side-on" transforms). The augmented views are made from the batch itself, so predictions stay in the order of the
 labels, and the draws come from a generator reseeded at the start of every validation or test epoch, so TTA results
 repeat.
+
+``tta_mode="mirror_translate"`` is airbench's fixed TTA instead (K. Jordan, arXiv:2404.00498, "multi-crop
+evaluation"): six views, the image and its mirror (weight 1/4 each) and the image translated by one pixel up-left
+and down-right with reflection padding, each with its mirror (1/8 each), their logits averaged with those weights.
+
+A network may adapt to the data and the epoch (``models.airbench.AirbenchNet`` does): if it has
+``init_from_data(images)``, ``data_initialized`` and ``init_images``, ``on_fit_start`` calls ``init_from_data`` with
+the datamodule's ``train_images(init_images)`` unless ``data_initialized`` (fitted before, or restored from a
+checkpoint); if it has ``set_epoch(epoch)``, it is called at the start of every training epoch.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +40,24 @@ from lightning_adamw import OptimizerConfig
 
 #: Seed of the TTA draws (plus the global rank), set at the start of every validation and test epoch.
 TTA_SEED = 0
+#: RECIPES.md "Models": augmented passes besides the clean one.
+TTA_PASSES = 4
+TtaMode = Literal["augment", "mirror_translate"]
+
+
+def mirror_translate_logits(net: Callable[[Tensor], Tensor], images: Tensor, logits: Tensor) -> Tensor:
+    """airbench's six-view TTA: weighted mean logits of the image, its mirror and two 1-pixel translations.
+
+    ``logits`` is ``net(images)`` (the clean pass, already computed). Weights: image and mirror 1/4 each; the
+    translations up-left and down-right (reflection-padded by one pixel) and their mirrors 1/8 each.
+    """
+    h, w = images.shape[-2:]
+    padded = F.pad(images, (1, 1, 1, 1), mode="reflect")
+    shifted = (padded[..., :h, :w], padded[..., 2:, 2:])
+    total = 0.25 * (logits.float() + net(images.flip(-1)).float())
+    for view in shifted:
+        total = total + 0.125 * (net(view).float() + net(view.flip(-1)).float())
+    return total
 
 
 class ImageClassifier(LightningModule):
@@ -46,8 +74,13 @@ class ImageClassifier(LightningModule):
         net: the network, e.g. ``WideResNet`` or ``CarsResNet50`` (``class_path`` in a config).
         optimizer: registry name and hyperparameters; ``None``: Adam, lr 1e-3, no weight decay.
         label_smoothing: label smoothing of the training loss (0: none, as in the 2018 study).
-        tta: evaluate with test-time augmentation on validation and test (needs a datamodule with ``tta_augment``).
-        tta_passes: augmented passes besides the clean one (RECIPES.md: 4).
+        tta: evaluate with test-time augmentation on validation and test.
+        tta_mode: ``"augment"``: the clean pass plus ``tta_passes`` passes with the datamodule's training
+            augmentation (``tta_augment``), probabilities averaged (the study); ``"mirror_translate"``: airbench's six
+            fixed views (see the module docstring).
+        tta_passes: augmented passes besides the clean one, for ``tta_mode="augment"`` (``None``: 4, RECIPES.md).
+        channels_last: keep the network's weights and its inputs in channels-last memory format (faster convolutions
+            on CPUs with oneDNN and on tensor-core GPUs).
 
     A checkpoint holds the network's weights but not its constructor arguments: resume through the CLI with the same
     config, or ``ImageClassifier.load_from_checkpoint(path, net=WideResNet(...))``. The TTA switch is not saved with
@@ -64,7 +97,9 @@ class ImageClassifier(LightningModule):
         optimizer: OptimizerConfig | None = None,
         label_smoothing: float = 0.0,
         tta: bool = False,
-        tta_passes: int = 4,
+        tta_passes: int | None = None,
+        tta_mode: TtaMode = "augment",
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         num_classes = getattr(net, "num_classes", None)
@@ -76,16 +111,27 @@ class ImageClassifier(LightningModule):
             )
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must lie in [0, 1), got {label_smoothing}.")
+        if tta_mode not in ("augment", "mirror_translate"):
+            raise ValueError(f"tta_mode must be 'augment' or 'mirror_translate', got {tta_mode!r}.")
+        if tta_mode == "mirror_translate" and tta_passes is not None:
+            raise ValueError(
+                f"tta_passes={tta_passes} has no effect with tta_mode='mirror_translate' (six fixed views); drop it."
+            )
+        tta_passes = TTA_PASSES if tta_passes is None else tta_passes
         if tta_passes < 1:
             raise ValueError(f"tta_passes must be >= 1 (augmented passes besides the clean one), got {tta_passes}.")
         # the network is saved in the state dict; TTA is chosen when evaluating, so that a checkpoint trained without
         # it can be tested with it (LightningCLI lets a checkpoint's hyperparameters override the command line)
-        self.save_hyperparameters(ignore=["net", "tta", "tta_passes"])
+        self.save_hyperparameters(ignore=["net", "tta", "tta_passes", "tta_mode"])
         self.net = net
         self.optimizer = optimizer if optimizer is not None else OptimizerConfig("adam", lr=1e-3)
         self.label_smoothing = label_smoothing
         self.tta = tta
         self.tta_passes = tta_passes
+        self.tta_mode = tta_mode
+        self.channels_last = channels_last
+        if channels_last:
+            self.net.to(memory_format=torch.channels_last)
         self.metrics = nn.ModuleDict({
             f"{stage}_{name}": MulticlassAccuracy(num_classes, average="micro")
             for stage in ("val", "test") for name in ("acc", "acc_tta")
@@ -98,6 +144,8 @@ class ImageClassifier(LightningModule):
         self._tta_generator: torch.Generator | None = None
 
     def forward(self, images: Tensor) -> Tensor:
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         return self.net(images)
 
     def layer_groups(self) -> list[nn.Module]:
@@ -109,8 +157,27 @@ class ImageClassifier(LightningModule):
         return self.optimizer.build(self.layer_groups())
 
     def setup(self, stage: str) -> None:
-        if self.tta and stage in ("fit", "validate", "test"):
+        if self.tta and self.tta_mode == "augment" and stage in ("fit", "validate", "test"):
             self._tta_augment()
+
+    def on_fit_start(self) -> None:
+        init = getattr(self.net, "init_from_data", None)
+        if not callable(init) or self.net.data_initialized:
+            return
+        images = getattr(self.trainer.datamodule, "train_images", None)
+        if not callable(images):
+            raise MisconfigurationException(
+                f"{type(self.net).__name__} is initialised from the training images, which it reads from the "
+                f"datamodule's train_images(n); the trainer's datamodule "
+                f"({type(self.trainer.datamodule).__name__}) has none. Use CIFAR10DataModule (or add "
+                "train_images to yours), or start from a checkpoint of a fitted network."
+            )
+        init(images(self.net.init_images).to(self.device))
+
+    def on_train_epoch_start(self) -> None:
+        set_epoch = getattr(self.net, "set_epoch", None)
+        if callable(set_epoch):
+            set_epoch(self.current_epoch)
 
     def _tta_augment(self) -> Callable[[Tensor, torch.Generator], Tensor]:
         augment = getattr(self.trainer.datamodule, "tta_augment", None)
@@ -131,7 +198,10 @@ class ImageClassifier(LightningModule):
         return loss
 
     def tta_probabilities(self, images: Tensor, logits: Tensor) -> Tensor:
-        """Mean softmax of the clean pass (``logits``) and ``tta_passes`` passes over augmented ``images``."""
+        """Mean softmax of the clean pass (``logits``) and ``tta_passes`` passes over augmented ``images``; with
+        ``tta_mode="mirror_translate"``, the softmax of airbench's weighted six-view logits."""
+        if self.tta_mode == "mirror_translate":
+            return mirror_translate_logits(self, images, logits).softmax(dim=-1)
         augment = self._tta_augment()
         if self._tta_generator is None:
             self._seed_tta()

@@ -38,7 +38,7 @@ def overrides(name: str, shared_data: Path, tmp_path: Path) -> list[str]:
     if kind == "StanfordCarsDataModule":
         return cars_overrides(shared_data, tmp_path)
     if kind == "CIFAR10DataModule":
-        return [*cifar_overrides(shared_data, tmp_path), "--data.init_args.eval_subset", "64"]
+        return [*cifar_overrides(shared_data, tmp_path, name), "--data.init_args.eval_subset", "64"]
     raise KeyError(f"configs/{name}.yaml uses {kind}: add its shared-data overrides to tests/test_configs_ddp.py")
 
 

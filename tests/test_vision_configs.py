@@ -22,7 +22,7 @@ import_zoo(ROOT)  # the zoo runs from the checkout: put it on sys.path
 from test_cars_data import devkit  # noqa: E402
 
 CONFIGS = ROOT / "configs"
-VISION = ["cifar10", "cifar10_tta", "quickstart", "cars"]
+VISION = ["cifar10", "cifar10_tta", "cifar10_fast", "quickstart", "cars"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # fixture in conftest.py
@@ -38,13 +38,20 @@ def load(name: str) -> dict[str, Any]:
     return yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
 
 
-def cifar_overrides(shared_data: Path, tmp_path: Path) -> list[str]:
-    """Real CIFAR-10 from the shared folder, a narrow WRN and small batches, so that a step takes well under 1 s."""
+#: Per network class of a CIFAR-10 config: the arguments that make it tiny.
+TINY_NETS = {"WideResNet": {"depth": "10", "width": "1"},
+             "AirbenchNet": {"widths": "[8, 16, 16]", "init_images": "16"}}
+
+
+def cifar_overrides(shared_data: Path, tmp_path: Path, name: str = "cifar10") -> list[str]:
+    """Real CIFAR-10 from the shared folder, a tiny version of config ``name``'s network and small batches, so that a
+    step takes well under 1 s."""
+    net = load(name)["model"]["init_args"]["net"]["class_path"].rsplit(".", 1)[-1]
     return [
         "--trainer.fast_dev_run", "1", "--trainer.default_root_dir", str(tmp_path),
         "--data.init_args.data_dir", str(shared_data / "cifar10"), "--data.init_args.download", "false",
         "--data.init_args.batch_size", "16",
-        "--model.init_args.net.init_args.depth", "10", "--model.init_args.net.init_args.width", "1",
+        *(arg for key, value in TINY_NETS[net].items() for arg in (f"--model.init_args.net.init_args.{key}", value)),
     ]
 
 
