@@ -57,9 +57,11 @@ def decay_group_(group: dict[str, Any], factor: float) -> None:
 class DecoupledDecay(Callback):
     """Decoupled weight decay ``w <- w - lr_t * wd * w`` with whatever lr the optimizer has, and no schedule.
 
-    For use with another lr scheduler (or none): the decay is applied after backward and clipping, before the step,
-    skipped on steps that fp16 mixed precision skips, and logged as ``wd``. With :class:`OneCycleWD` this callback is
-    not needed (and would decay twice): OneCycleWD applies the decay itself.
+    For use with another lr scheduler (or none): the decay is applied after backward, before the step (in
+    ``on_before_optimizer_step``, which Lightning calls before it clips; the decay changes the weights and clipping the
+    gradients, so the order changes no number), skipped on steps that fp16 mixed precision skips, and logged as
+    ``wd``. With :class:`OneCycleWD` this callback is not needed (and would decay twice): OneCycleWD applies the decay
+    itself.
 
     Args:
         weight_decay: the decay for groups that do not carry ``decoupled_wd`` (set by the registry in decoupled mode).

@@ -23,7 +23,9 @@ from lightning_adamw.schedules import OneCycle, Schedule
 class OneCycleWD(Callback):
     r"""1cycle learning rate and momentum schedule with decoupled weight decay, per optimizer step.
 
-    At every optimizer step (after backward and gradient clipping, before ``optimizer.step``) the callback
+    At every optimizer step (in ``on_before_optimizer_step``: after backward, before Lightning clips the gradients and
+    before ``optimizer.step``; clipping touches the gradients and the decay the weights, so their order changes no
+    number) the callback
 
     1. sets each parameter group's lr to ``max_lr_g * schedule(step)`` and the momentum (SGD ``momentum`` or Adam
        ``betas[0]``) to the schedule's value,
