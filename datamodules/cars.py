@@ -5,7 +5,9 @@ Two layouts on disk (``layout="auto"`` finds which):
 * ``devkit``: the original release, what ``torchvision.datasets.StanfordCars`` reads: ``devkit/cars_meta.mat``
   (class names), ``devkit/cars_train_annos.mat`` with ``cars_train/*.jpg``, and ``cars_test_annos_withlabels.mat``
   with ``cars_test/*.jpg``. ``data_dir`` may also be torchvision's root, the folder above ``stanford_cars/``.
-* ``folders``: ``train/<class name>/*.jpg`` and ``test/<class name>/*.jpg``.
+* ``folders``: ``train/<class name>/*.jpg`` and ``test/<class name>/*.jpg``, one folder per class named as in
+  ``cars_meta.mat`` (``/`` written ``-``: ``Ram C-V Cargo Van Minivan 2012``). Labels follow ``cars_meta.mat``'s order
+  (:data:`CLASS_NAMES`), whichever folders are present, so both layouts give the same labels.
 
 As in the study (RECIPES.md), training uses the 8,144 train images and validation (and test) the 8,041 test images;
 the bounding boxes are not used. Before training, ``setup`` lists every image that is missing, in an empty or
@@ -47,6 +49,25 @@ WHERE_TO_GET = (
 )
 
 Sample = tuple[Path, int]
+#: The 196 class names of the official ``devkit/cars_meta.mat``, in its order (label ``i`` is line ``i + 1``).
+CLASS_NAMES = tuple(Path(__file__).with_name("cars_classes.txt").read_text(encoding="utf-8").splitlines())
+
+
+def folder_name(class_name: str) -> str:
+    """The class folder of ``class_name`` in the ``folders`` layout (a file name cannot hold ``/``)."""
+    return class_name.replace("/", "-")
+
+
+def load_mat(path: Path, key: str) -> object:
+    """``key`` of the MATLAB file ``path``; a file that does not load or lacks ``key`` is named in the error."""
+    try:
+        return scipy.io.loadmat(path, squeeze_me=True)[key]
+    except Exception as err:  # scipy raises ValueError, MatReadError, OSError, ... on broken files
+        reason = (f"has no {key!r} entry" if isinstance(err, KeyError)
+                  else f"cannot be read ({type(err).__name__}: {err})")
+        raise ValueError(
+            f"Stanford Cars annotation file {path} {reason}: replace it with the official file. {WHERE_TO_GET}"
+        ) from err
 
 
 def train_augmentation(size: int) -> v2.Compose:
@@ -129,6 +150,7 @@ class StanfordCarsDataModule(LightningDataModule):
             check, an unreadable image stops training when a worker reaches it (the error names the file).
         drop_last: drop the last, incomplete training batch (the study's loader kept it: 64 steps per epoch at
             batch 128).
+        download: Stanford Cars cannot be downloaded any more; ``true`` stops with where to get it.
 
     Example::
 
@@ -145,8 +167,14 @@ class StanfordCarsDataModule(LightningDataModule):
         skip_bad: bool = False,
         check_images: bool = True,
         drop_last: bool = False,
+        download: bool = False,
     ) -> None:
         super().__init__()
+        if download:
+            raise ValueError(
+                f"Stanford Cars cannot be downloaded automatically (data.init_args.download=true): {WHERE_TO_GET} "
+                "Unpack it and set data.init_args.data_dir to that folder (devkit or class-folder layout)."
+            )
         if layout not in ("auto", "devkit", "folders"):
             raise ValueError(f"layout must be 'auto', 'devkit' or 'folders', got {layout!r}.")
         if image_size < 8 or batch_size < 1 or num_workers < 0:
@@ -203,11 +231,11 @@ class StanfordCarsDataModule(LightningDataModule):
             raise FileNotFoundError(
                 f"Stanford Cars devkit layout in {root} lacks {', '.join(absent)}. {WHERE_TO_GET}"
             )
-        self.classes = [str(name) for name in scipy.io.loadmat(files["meta"], squeeze_me=True)["class_names"]]
+        self.classes = [str(name) for name in load_mat(files["meta"], "class_names")]
         out = {}
         for split in splits:
             image_dir = root / f"cars_{split}"
-            annotations = scipy.io.loadmat(files[split], squeeze_me=True)["annotations"]
+            annotations = load_mat(files[split], "annotations")
             samples = []
             for record in annotations.reshape(-1):
                 path, label = image_dir / str(record["fname"]), int(record["class"]) - 1
@@ -228,13 +256,22 @@ class StanfordCarsDataModule(LightningDataModule):
         if absent:
             raise FileNotFoundError(f"Stanford Cars class-folder layout in {root} lacks {', '.join(absent)}.")
         found = {s: {d.name for d in (root / s).iterdir() if d.is_dir()} for s in ("train", "test")}
-        self.classes = sorted(found["train"] | found["test"])
+        self.classes = list(CLASS_NAMES)
+        expected = {folder_name(name) for name in self.classes}
+        unknown = sorted(str(root / s / name) for s in ("train", "test") for name in found[s] - expected)
+        if unknown:
+            raise ValueError(
+                f"Stanford Cars in {root}: {len(unknown)} class folders are not among its 196 classes: "
+                f"{', '.join(unknown[:SHOWN])}{', ...' if len(unknown) > SHOWN else ''}. Name each folder after its "
+                f"class in cars_meta.mat ('/' written '-'), e.g. '{folder_name(self.classes[0])}' (the names are in "
+                f"{Path(__file__).with_name('cars_classes.txt')})."
+            )
         out = {}
         for split in splits:
             samples = []
             for label, name in enumerate(self.classes):
-                folder = root / split / name
-                if name not in found[split]:
+                folder = root / split / folder_name(name)
+                if folder.name not in found[split]:
                     problems["missing class folders"].append(str(folder))
                     continue
                 files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
@@ -301,7 +338,16 @@ class StanfordCarsDataModule(LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", train=True)
+        loader = self._loader("train", train=True)
+        world_size = 1 if self.trainer is None else self.trainer.world_size
+        per_device = math.ceil(len(self.samples["train"]) / world_size)  # DistributedSampler pads
+        if self.drop_last and per_device < self.batch_size:
+            raise ValueError(
+                f"Stanford Cars: {per_device} training images per device are fewer than one batch of "
+                f"batch_size={self.batch_size} with drop_last=true: no training step. Lower batch_size or set "
+                "drop_last=false."
+            )
+        return loader
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("test", train=False)

@@ -22,6 +22,7 @@ Validation is the test set, as in the study, unless ``val_size`` holds images ou
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,6 +32,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.datasets import CIFAR10
+from torchvision.datasets.utils import check_integrity
 from torchvision.transforms import v2
 
 #: RECIPES.md, "Models": CIFAR-10 channel mean and standard deviation.
@@ -120,6 +122,11 @@ class DeviceBatches:
     epoch from its seed; Lightning calls ``sampler.set_epoch`` at every epoch, as for a ``DataLoader``, and reads
     ``batch_sampler`` beside it, hence that attribute).
 
+    The loader resumes mid-epoch exactly: its ``state_dict`` (which Lightning saves in the checkpoint's loop state)
+    holds the epoch, the number of batches served in it and the state of the augmentation ``generator``; after
+    ``load_state_dict`` the next pass over that epoch skips the served batches, and the augmentation continues with
+    the draws the uninterrupted run would have made.
+
     Args:
         images: ``(N, 3, 32, 32)`` uint8 images.
         labels: ``(N,)`` int64 labels on the same device.
@@ -128,10 +135,11 @@ class DeviceBatches:
         drop_last: drop the last, incomplete batch.
         flip_bits: ``(N,)`` booleans for alternating flips: image ``i`` comes mirrored (width axis) in epoch ``e``
             when ``flip_bits[i] != (e % 2 == 1)``, ``e`` being the sampler's ``epoch``; ``None``: no flips here.
+        generator: the generator of the training augmentation's draws, saved and restored with the position.
     """
 
     def __init__(self, images: Tensor, labels: Tensor, batch_size: int, sampler: DistributedSampler | range,
-                 drop_last: bool, flip_bits: Tensor | None = None) -> None:
+                 drop_last: bool, flip_bits: Tensor | None = None, generator: torch.Generator | None = None) -> None:
         self.images = images
         self.labels = labels
         self.batch_size = batch_size
@@ -139,21 +147,51 @@ class DeviceBatches:
         self.batch_sampler = None
         self.drop_last = drop_last
         self.flip_bits = flip_bits
+        self.generator = generator
+        self._epoch = 0
+        self._served = 0
+        self._resume: tuple[int, int] | None = None  # (epoch, batches served) from a checkpoint
 
     def __len__(self) -> int:
         n = len(self.sampler)
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
     def __iter__(self) -> Any:
+        self._epoch = getattr(self.sampler, "epoch", 0)
+        resume, self._resume = self._resume, None
+        self._served = resume[1] if resume is not None and resume[0] == self._epoch else 0
         order = torch.tensor(list(self.sampler), dtype=torch.long, device=self.images.device)
-        odd_epoch = getattr(self.sampler, "epoch", 0) % 2 == 1
-        for i in range(len(self)):
+        odd_epoch = self._epoch % 2 == 1
+        for i in range(self._served, len(self)):
             index = order[i * self.batch_size:(i + 1) * self.batch_size]
             images = self.images[index]
             if self.flip_bits is not None:
                 flip = (self.flip_bits[index] != odd_epoch).view(-1, 1, 1, 1)
                 images = torch.where(flip, images.flip(3), images)
+            self._served = i + 1  # counted when handed out: Lightning fetches a sized loader's batches one by one
             yield images, self.labels[index]
+
+    def _rank(self) -> int:
+        return getattr(self.sampler, "rank", 0)
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"epoch": self._epoch, "served": self._served, "rank": self._rank()}
+        if self.generator is not None:
+            state["generator"] = self.generator.get_state()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._resume = (int(state["epoch"]), int(state["served"]))
+        if self.generator is None or "generator" not in state:
+            return
+        if int(state.get("rank", 0)) == self._rank():
+            self.generator.set_state(state["generator"])
+            return
+        # a checkpoint holds rank 0's loader state only: the other ranks draw from a seed of their own and position
+        self.generator.manual_seed(self.generator.initial_seed() + 1_000_003 * (1 + self._resume[0]) + self._resume[1])
+        warnings.warn(f"DeviceBatches on rank {self._rank()}: the checkpoint holds rank {state.get('rank', 0)}'s "
+                      "augmentation state; this rank resumes with fresh augmentation draws (the data order is exact).",
+                      stacklevel=2)
 
 
 class PILImages(Dataset):
@@ -275,6 +313,22 @@ class CIFAR10DataModule(LightningDataModule):
             "data.init_args.data_dir to the folder that holds cifar-10-batches-py/."
         )
 
+    def _bad_files_message(self) -> str:
+        """Which of torchvision's files are missing or fail their md5 check, by name."""
+        checksums = [*CIFAR10.train_list, *CIFAR10.test_list, [CIFAR10.meta["filename"], CIFAR10.meta["md5"]]]
+        missing = [name for name, _ in checksums if not (self.folder / name).is_file()]
+        if len(missing) == len(checksums):
+            return self._missing_message("was not found")
+        corrupt = [str(self.folder / name) for name, md5 in checksums
+                   if name not in missing and not check_integrity(str(self.folder / name), md5)]
+        problems = ([f"{', '.join(corrupt)} {'fails' if len(corrupt) == 1 else 'fail'} the md5 check of the "
+                     "official release (truncated or corrupted)"] if corrupt else [])
+        problems += [f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing"] if missing else []
+        return (
+            f"CIFAR-10 in {self.folder}: {'; '.join(problems)}. Delete the bad files and run with "
+            f"data.init_args.download=true, or extract them again from {CIFAR10_URL}."
+        )
+
     def prepare_data(self) -> None:
         """Download the archive into ``data_dir`` when files are missing and ``download`` is on (rank 0 only)."""
         if not self.download or all((self.folder / name).is_file() for name in CIFAR10_FILES):
@@ -287,8 +341,8 @@ class CIFAR10DataModule(LightningDataModule):
     def _read(self, train: bool) -> tuple[Tensor, Tensor]:
         try:
             dataset = CIFAR10(str(self.data_dir), train=train, download=False)
-        except RuntimeError as err:  # torchvision: "Dataset not found or corrupted."
-            raise RuntimeError(self._missing_message("was not found or failed its md5 check")) from err
+        except RuntimeError as err:  # torchvision: "Dataset not found or corrupted." (for any of the seven files)
+            raise RuntimeError(self._bad_files_message()) from err
         images = torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous()
         return images, torch.tensor(dataset.targets, dtype=torch.long)
 
@@ -355,10 +409,23 @@ class CIFAR10DataModule(LightningDataModule):
                      if train and self.flip == "alternating" else None)
         return DeviceBatches(images.to(device), labels.to(device), self.batch_size, sampler,
                              drop_last=train and self.drop_last,
-                             flip_bits=None if flip_bits is None else flip_bits.to(device))
+                             flip_bits=None if flip_bits is None else flip_bits.to(device),
+                             generator=self._augment_generator if train else None)
 
     def train_dataloader(self) -> DeviceBatches | DataLoader:
-        return self._loader("train", train=True)
+        loader = self._loader("train", train=True)
+        n = len(self.splits["train"][1])
+        world_size = self._rank()[1]
+        # the device loader's sampler drops the remainder across devices; Lightning's DistributedSampler pads it
+        per_device = n // world_size if self.loader == "device" else math.ceil(n / world_size)
+        if per_device == 0 or (self.drop_last and per_device < self.batch_size):
+            subset = f"train_subset={self.train_subset}" if self.train_subset is not None else "the training split"
+            raise ValueError(
+                f"CIFAR-10: {subset} gives {per_device} training images per device (of {world_size}), fewer than "
+                f"one batch of batch_size={self.batch_size}{' with drop_last=true' * self.drop_last}: no training "
+                "step. Raise train_subset, lower batch_size or set drop_last=false."
+            )
+        return loader
 
     def val_dataloader(self) -> DeviceBatches | DataLoader:
         return self._loader("val", train=False)

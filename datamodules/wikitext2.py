@@ -27,6 +27,7 @@ Example::
 from __future__ import annotations
 
 import hashlib
+import io
 import math
 import os
 import tempfile
@@ -95,17 +96,25 @@ def read_tokens(path: Path) -> tuple[list[str], int]:
 
     Raises:
         FileNotFoundError: the file does not exist.
-        ValueError: the file holds no word (empty or whitespace only).
+        ValueError: the file is not UTF-8 text, or holds no word (empty or whitespace only).
     """
     if not path.is_file():
         raise FileNotFoundError(f"WikiText-2 file {path} does not exist.")
     tokens: list[str] = []
     lines = 0
-    with path.open(encoding="utf-8") as f:
-        for line in f:
-            tokens.extend(line.split())
-            tokens.append(EOS)
-            lines += 1
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise ValueError(
+            f"WikiText-2 file {path} is not UTF-8 text ({err.reason} at byte {err.start}, line {line}): replace it "
+            f"with the official file (from {OFFICIAL_ARCHIVE}) or delete it so it is downloaded again."
+        ) from err
+    for line_text in io.StringIO(text, newline=None):  # the line endings open() accepts
+        tokens.extend(line_text.split())
+        tokens.append(EOS)
+        lines += 1
     if lines == len(tokens):
         raise ValueError(
             f"WikiText-2 file {path} is empty or holds only whitespace ({lines} lines, no words): replace it with the "

@@ -9,6 +9,7 @@ Projects on the standalone ``pytorch_lightning`` package import the callbacks fr
 
 import lightning_adamw._distributed  # noqa: F401  (destroys a gloo process group at exit; see the module)
 from lightning_adamw.backbones import backbone_layer_groups
+from lightning_adamw.checkpoint import RunCheckpoint
 from lightning_adamw.decay import DecoupledDecay
 from lightning_adamw.divergence import DivergenceError, DivergenceGuard
 from lightning_adamw.finetuning import FreezeUnfreeze
@@ -42,6 +43,7 @@ __all__ = [
     "OptimizerConfig",
     "OptimizerEntry",
     "Phase",
+    "RunCheckpoint",
     "RunInterrupted",
     "SaveOnInterrupt",
     "Schedule",

@@ -2,25 +2,44 @@
 
 Run from a checkout of the project, the zoo packages ``models`` and ``datamodules`` in the current directory are
 imported too, so configs can name their classes by short name (``class_path: WideResNet``).
+
+A user's mistake (a bad value, missing or broken data, a checkpoint that does not fit) is printed as the project's
+message without a traceback and exits with status 1 (``LIGHTNING_ADAMW_TRACEBACK=1`` shows it); option names must be
+given in full. Every run gets a ``DivergenceGuard`` (NaN/inf checks, at the steps the logger reads the loss) unless
+its callbacks list one, so no checkpoint ever holds non-finite weights.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import pkgutil
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
+import torch
 from jsonargparse import Namespace
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
-from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.callbacks import BatchSizeFinder, LearningRateFinder, ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.trainer.states import TrainerStatus
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 import lightning_adamw  # noqa: F401  (registers OneCycleWD, FreezeUnfreeze and the schedules for short names)
+from lightning_adamw._user_errors import (
+    TRACEBACK_HINT,
+    VERSION_KEY,
+    CheckpointError,
+    checkpoint_message,
+    project_message,
+    short_parser_message,
+    show_traceback,
+)
 from lightning_adamw.decay import DecoupledDecay
+from lightning_adamw.divergence import DivergenceGuard
 from lightning_adamw.lr_find import LRFindResult, lr_find
 from lightning_adamw.onecycle import OneCycleWD
 from lightning_adamw.registry import OptimizerConfig
@@ -95,8 +114,72 @@ def _optimizer_configs(node: Any, path: str = "") -> Iterator[tuple[str, Namespa
 _OPTIMIZER_FIELDS = {f.name for f in fields(OptimizerConfig)}
 
 
+def _optimizer_values(config: Namespace) -> dict[str, dict[str, Any]]:
+    """The model's OptimizerConfig namespaces as plain values, by dotted key."""
+    def plain(value: Any) -> Any:
+        return plain(value.as_dict()) if isinstance(value, Namespace) else list(value) if isinstance(
+            value, tuple) else value
+
+    return {f"model.{key}": {k: plain(node[k]) for k in sorted(_OPTIMIZER_FIELDS)}
+            for key, node in _optimizer_configs(config.get("model"))}
+
+
+def source_roots() -> list[Path]:
+    """The folders of this project's code: the plugin and the zoo packages that are imported."""
+    roots = [Path(lightning_adamw.__file__).resolve().parent]
+    for package in ZOO_PACKAGES:
+        module = sys.modules.get(package)
+        roots += [Path(p).resolve() for p in getattr(module, "__path__", [])]
+    return roots
+
+
 class AdamWTrainer(Trainer):
-    """Lightning's Trainer plus the ``lr_find`` subcommand."""
+    """Lightning's Trainer plus the ``lr_find`` subcommand; a checkpoint that cannot be restored is named.
+
+    ``fit`` that trains no optimizer step (``max_steps=0``, ``limit_train_batches=0``, a training set smaller than one
+    batch with ``drop_last``, ...) is an error naming the settings, not a silent success.
+    """
+
+    def _restoring(self, run: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``run(*args, **kwargs)``, with a failure to restore its ``ckpt_path`` named as a :class:`CheckpointError`."""
+        try:
+            return run(*args, **kwargs)
+        except Exception as err:
+            ckpt_path = self.ckpt_path or kwargs.get("ckpt_path")
+            message = checkpoint_message(err, ckpt_path, source_roots(), lightning_adamw.__version__)
+            if message is None:
+                raise
+            raise CheckpointError(message) from err
+
+    # wraps: LightningCLI builds each subcommand's options (ckpt_path, ...) from Trainer's signature, kept this way
+    @functools.wraps(Trainer.fit)
+    def fit(self, *args: Any, **kwargs: Any) -> None:
+        self._restoring(super().fit, *args, **kwargs)
+        tuning = any(isinstance(c, (LearningRateFinder, BatchSizeFinder)) for c in self.callbacks)  # Tuner's own fit
+        if self.state.status == TrainerStatus.FINISHED and self.global_step == 0 and not tuning:
+            settings = [f"trainer.{name}={value}" for name, value in (
+                ("max_steps", self.max_steps), ("max_epochs", self.max_epochs),
+                ("limit_train_batches", self.limit_train_batches)) if value == 0]
+            why = " and ".join(settings) or (
+                f"the training dataloader yields {self.num_training_batches} batches (a dataset smaller than one "
+                "batch with drop_last, or empty)"
+            )
+            raise ValueError(
+                f"fit trained no optimizer step: {why}. Give the run at least one training batch, or use the "
+                "`validate` subcommand to evaluate without training."
+            )
+
+    @functools.wraps(Trainer.validate)
+    def validate(self, *args: Any, **kwargs: Any) -> Any:
+        return self._restoring(super().validate, *args, **kwargs)
+
+    @functools.wraps(Trainer.test)
+    def test(self, *args: Any, **kwargs: Any) -> Any:
+        return self._restoring(super().test, *args, **kwargs)
+
+    @functools.wraps(Trainer.predict)
+    def predict(self, *args: Any, **kwargs: Any) -> Any:
+        return self._restoring(super().predict, *args, **kwargs)
 
     def lr_find(
         self,
@@ -156,11 +239,32 @@ def flat_hparams(node: Any, prefix: str = "") -> dict[str, Any]:
 
 
 class LoggedConfigCallback(SaveConfigCallback):
-    """Saves the run's config beside the logs (Lightning's behaviour) and logs it as hyperparameters."""
+    """Saves the run's config beside the logs (Lightning's behaviour) and logs it as hyperparameters; checkpoints
+    record the lightning_adamw version that wrote them, for the message when one cannot be restored."""
 
     def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         for logger in trainer.loggers:
             logger.log_hyperparams(flat_hparams(self.config))
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        checkpoint[VERSION_KEY] = lightning_adamw.__version__
+
+
+class AdamWArgumentParser(LightningArgumentParser):
+    """Lightning's parser without abbreviated options, whose errors are one or two lines instead of the usage."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)  # `--trainer.max_epoch` is a typo, not `--trainer.max_epochs`
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if not self.exit_on_error or show_traceback():
+            super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        options = [o for action in parser._actions for o in action.option_strings]
+        prog = parser.prog.replace(" [options]", "")
+        sys.stderr.write(f"error: {short_parser_message(message, options)}\n(`{prog} --help` lists the options)\n")
+        raise SystemExit(2)
 
 
 class AdamWCLI(LightningCLI):
@@ -169,6 +273,61 @@ class AdamWCLI(LightningCLI):
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
         return {**LightningCLI.subcommands(), "lr_find": {"model", "datamodule"}}
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads the checkpoint's hyperparameters here, before anything is built: name a bad file here too
+        subcommand = self.config.get("subcommand")
+        asked = _optimizer_values(self.config[subcommand]) if subcommand == "fit" else {}
+        try:
+            super()._parse_ckpt_path()
+        except Exception as err:
+            config = self.config[subcommand] if subcommand else self.config
+            message = checkpoint_message(err, config.get("ckpt_path"), source_roots(), lightning_adamw.__version__,
+                                         step="resume_start")
+            if message is None:
+                raise
+            raise CheckpointError(message) from err
+        # LightningCLI replaced the model's arguments by the checkpoint's saved hyperparameters; a resumed fit
+        # continues the checkpoint's optimizer and its state, so another optimizer on the command line is
+        # refused rather than silently dropped
+        saved = _optimizer_values(self.config[subcommand]) if subcommand == "fit" else {}
+        self._refuse_changes(self.config[subcommand].get("ckpt_path") if subcommand else None, asked, saved)
+
+    def _refuse_changes(self, ckpt_path: str | None, asked: dict[str, dict[str, Any]],
+                        saved: dict[str, dict[str, Any]]) -> None:
+        for key, wanted in asked.items():
+            changes = [f"{k}: {saved[key][k]!r} -> {v!r}" for k, v in wanted.items()
+                       if key in saved and k in saved[key] and saved[key][k] != v]
+            if changes:
+                self.parser.error(
+                    f"--ckpt_path {ckpt_path} was trained with another optimizer than this command's {key} "
+                    f"({'; '.join(changes)}). Resuming continues the checkpoint's optimizer and its state: drop the "
+                    "change to resume, or start a new run without --ckpt_path."
+                )
+
+    def before_fit(self) -> None:
+        # ``--ckpt_path last`` is found only now that the trainer exists, and LightningCLI applies no saved
+        # hyperparameters for it: compare the model's optimizer with the one saved in that checkpoint
+        if self.config.fit.get("ckpt_path") != "last":
+            return
+        found = {p for cb in self.trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)
+                 for p in cb._find_last_checkpoints(self.trainer)}
+        if not found:
+            return
+        path = max(found, key=lambda p: Path(p).stat().st_mtime)
+        hparams = torch.load(path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
+        asked = _optimizer_values(self.config.fit)
+        saved = {key: hparams[key.rsplit(".", 1)[-1]] for key in asked
+                 if isinstance(hparams.get(key.rsplit(".", 1)[-1]), dict)}
+        self._refuse_changes(path, asked, saved)
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        if not any(isinstance(c, DivergenceGuard) for c in trainer.callbacks):
+            # NaN/inf only (no loss-ratio stop the config did not ask for), read at the logger's steps: no extra sync
+            trainer.callbacks.insert(0, DivergenceGuard(max_ratio=None,
+                                                        check_every_n_steps=max(1, trainer.log_every_n_steps)))
+        return trainer
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -198,17 +357,24 @@ def main(args: list[str] | None = None) -> Any:
             f"there is no zoo in {Path.cwd()}. Run the command from the root of the lightning_adamw checkout, or put "
             "the checkout on PYTHONPATH and give the full path (e.g. models.classifier.ImageClassifier)."
         )
-    return AdamWCLI(
-        LightningModule,
-        LightningDataModule,
-        trainer_class=AdamWTrainer,
-        save_config_callback=LoggedConfigCallback,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        save_config_kwargs={"overwrite": True},
-        parser_kwargs={"description": "Lightning with Adam done right. Also: `python -m lightning_adamw compare "
-                       "--help`, the optimizer x seed comparison runner."},
-        # optimizers come from the model's OptimizerConfig and schedules from OneCycleWD, not from CLI-level keys
-        auto_configure_optimizers=False,
-        args=args,
-    )
+    try:
+        return AdamWCLI(
+            LightningModule,
+            LightningDataModule,
+            trainer_class=AdamWTrainer,
+            parser_class=AdamWArgumentParser,
+            save_config_callback=LoggedConfigCallback,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={"description": "Lightning with Adam done right. Also: `python -m lightning_adamw compare "
+                           "--help`, the optimizer x seed comparison runner."},
+            # optimizers come from the model's OptimizerConfig and schedules from OneCycleWD, not from CLI-level keys
+            auto_configure_optimizers=False,
+            args=args,
+        )
+    except Exception as err:
+        message = None if show_traceback() else project_message(err, source_roots())
+        if message is None:
+            raise
+        raise SystemExit(f"error: {message}\n{TRACEBACK_HINT}") from None

@@ -156,6 +156,16 @@ class FreezeUnfreeze(BaseFinetuning):
         if onecycle is not None and self.unfreeze_at_epoch > 0:
             onecycle.plan_cycle_boundaries([self.unfreeze_at_epoch * self._steps_per_epoch(trainer)])
 
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
+        if self._cycle_started:
+            # resumed after the unfreeze: setup() froze the body again (Lightning issue #21901), and a run resumed
+            # mid-epoch gets no on_train_epoch_start (hence no finetune_function) before its next batch
+            body = self.layer_groups(pl_module)[:-1]
+            self.make_trainable(body)
+            for group in body:
+                group.train()
+
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_epoch_start(trainer, pl_module)
         if trainer.current_epoch < self.unfreeze_at_epoch and not self.train_bn:

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import signal
 import threading
+import warnings
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+
+from lightning_adamw.checkpoint import resume_paths
 
 
 class RunInterrupted(SystemExit):
@@ -21,9 +24,13 @@ class SaveOnInterrupt(Callback):
 
     The signal only raises a flag; at the end of the next training batch that completed an optimizer step (so no
     gradient-accumulation window is cut in half) the callback writes ``last.ckpt`` into the ModelCheckpoint folder
-    and ends the run by raising :class:`RunInterrupted` (a ``SystemExit`` with status 0), so that no end-of-epoch
-    hook marks the half-done epoch as finished. Continue with ``--ckpt_path last``; with a resumable dataloader
-    (one with ``state_dict``/``load_state_dict``) the resumed run continues mid-epoch exactly where it stopped.
+    and, once Lightning has logged that step, ends the run by raising :class:`RunInterrupted` (a ``SystemExit`` with
+    status 0) at the start of the next batch, so that no end-of-epoch hook marks the half-done epoch as finished.
+    The message says how to continue: ``--ckpt_path last`` (with :class:`~lightning_adamw.RunCheckpoint`, which
+    finds the run again) or the checkpoint's path, and the same for ``trainer.fit(..., ckpt_path=...)``. With a
+    resumable dataloader (one with ``state_dict``/``load_state_dict``, which Lightning saves in the checkpoint) the
+    resumed run continues mid-epoch exactly where it stopped; resuming mid-epoch with any other loader says, in one
+    line, that the rest of the epoch restarts from a first batch.
     Under DDP the ranks agree on the step before anyone stops. A second Ctrl-C while waiting interrupts at once.
 
     Args:
@@ -32,7 +39,7 @@ class SaveOnInterrupt(Callback):
 
     Example::
 
-        Trainer(callbacks=[ModelCheckpoint(dirpath="runs/cifar10/ckpt", save_last=True), SaveOnInterrupt()])
+        Trainer(callbacks=[RunCheckpoint(monitor="val/acc", mode="max"), SaveOnInterrupt()])
     """
 
     def __init__(self, signals: tuple[str, ...] | list[str] = ("SIGTERM", "SIGINT"), filename: str = "last") -> None:
@@ -44,6 +51,7 @@ class SaveOnInterrupt(Callback):
         self._previous: dict[int, Any] = {}
         self._step_at_batch_start = 0
         self._at_epoch_end = False
+        self._stop_message: str | None = None
 
     @staticmethod
     def _signum(name: str) -> signal.Signals:
@@ -66,7 +74,8 @@ class SaveOnInterrupt(Callback):
         self._previous = {}
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.requested, self._at_epoch_end = None, False
+        self.requested, self._at_epoch_end, self._stop_message = None, False, None
+        self._say_how_the_epoch_resumes(trainer)
         if threading.current_thread() is not threading.main_thread():
             rank_zero_warn("SaveOnInterrupt can only catch signals in the main thread; it is inactive here.")
             return
@@ -76,7 +85,11 @@ class SaveOnInterrupt(Callback):
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
+        self._exit_if_saved()
         self._step_at_batch_start = trainer.global_step
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._exit_if_saved()
 
     def checkpoint_path(self, trainer: pl.Trainer) -> Path:
         """Where the interrupted run is saved: the ModelCheckpoint folder, else the trainer's root folder."""
@@ -97,24 +110,48 @@ class SaveOnInterrupt(Callback):
         if batch_idx + 1 >= trainer.num_training_batches:
             self._at_epoch_end = True  # the epoch's last step: save once the epoch is closed, as checkpoints expect
             return
-        self._save_and_exit(trainer)
+        self._save(trainer)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._at_epoch_end:
-            self._save_and_exit(trainer)
+        if self._at_epoch_end and self._stop_message is None:
+            self._save(trainer)
 
-    def _save_and_exit(self, trainer: pl.Trainer) -> None:
+    @staticmethod
+    def _say_how_the_epoch_resumes(trainer: pl.Trainer) -> None:
+        done, total = trainer.fit_loop.epoch_loop.batch_progress.current.completed, trainer.num_training_batches
+        if not trainer.fit_loop.restarted_mid_epoch or not 0 < done < total:
+            return
+        combined = trainer.fit_loop._combined_loader
+        loaders = combined.flattened if combined is not None else []
+        stateless = [type(dl).__name__ for dl in loaders if not callable(getattr(dl, "load_state_dict", None))]
+        if stateless:
+            rank_zero_warn(
+                f"Resuming mid-epoch (epoch {trainer.current_epoch}, step {trainer.global_step}) with a training "
+                f"loader without state_dict()/load_state_dict() ({stateless[0]}): the rest of this epoch restarts "
+                "from the first batch of a new pass over the data, so some of its batches are seen twice and others "
+                "not at all; a loader with that state resumes exactly."
+            )
+            # Lightning's own warning about this case, which says less
+            warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
+
+    def _save(self, trainer: pl.Trainer) -> None:
+        # the run stops at the next batch or epoch start, after Lightning has logged this step (or epoch)
         self.saved_path = self.checkpoint_path(trainer)
         trainer.save_checkpoint(self.saved_path)
-        message = (
+        self._stop_message = (
             f"Stopped by {self.requested or 'a signal on another rank'} after step {trainer.global_step}; saved "
-            f"{self.saved_path}. Continue with trainer.fit(model, ckpt_path={str(self.saved_path)!r}) (CLI: the same "
-            "command plus --ckpt_path last)."
+            f"{self.saved_path}. To continue, {resume_paths(trainer, self.saved_path)}."
         )
-        rank_zero_info(message)
-        raise RunInterrupted(0)
+
+    def _exit_if_saved(self) -> None:
+        if self._stop_message is not None:
+            rank_zero_info(self._stop_message)
+            raise RunInterrupted(0)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._stop_message is not None:
+            rank_zero_info(f"{self.requested or 'A signal'} arrived at the run's last step: it is complete "
+                           f"(saved {self.saved_path}).")
         self._restore()
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:

@@ -28,7 +28,8 @@ from lightning_adamw.schedules import OneCycle, Schedule
 class OneCycleWD(Callback):
     r"""1cycle learning rate and momentum schedule with decoupled weight decay, per optimizer step.
 
-    At every optimizer step (after backward and gradient clipping, before ``optimizer.step``) the callback
+    At every optimizer step (in ``on_before_optimizer_step``: after backward, before Lightning clips the gradients and
+    before ``optimizer.step``) the callback
 
     1. sets each parameter group's lr to ``max_lr_g * schedule(step)`` and the momentum (SGD ``momentum`` or Adam
        ``betas[0]``) to the schedule's value,

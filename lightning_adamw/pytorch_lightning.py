@@ -35,7 +35,7 @@ from lightning_adamw.registry import OptimizerConfig, build_optimizer, even_mult
 from lightning_adamw.schedules import Constant, OneCycle, OneCycle2018, OneCycleLM, Phase, Schedule
 
 #: the plugin modules that import Lightning, in dependency order
-PORTED_MODULES = ("decay", "schedulefree", "onecycle", "divergence", "interrupt", "finetuning")
+PORTED_MODULES = ("decay", "schedulefree", "onecycle", "divergence", "checkpoint", "interrupt", "finetuning")
 #: Lightning's mirror packages: lightning.pytorch is pytorch_lightning, lightning.fabric is lightning_fabric
 _LIGHTNING_IMPORT = re.compile(r"^(\s*(?:from|import) )lightning\.(pytorch|fabric)\b", re.MULTILINE)
 _MIRROR = {"pytorch": "pytorch_lightning", "fabric": "lightning_fabric"}
@@ -54,13 +54,14 @@ def _port(name: str) -> ModuleType:
     return module
 
 
-decay, schedulefree, onecycle, divergence, interrupt, finetuning = (_port(name) for name in PORTED_MODULES)
+decay, schedulefree, onecycle, divergence, checkpoint, interrupt, finetuning = (_port(name) for name in PORTED_MODULES)
 
 DecoupledDecay = decay.DecoupledDecay
 DivergenceError = divergence.DivergenceError
 DivergenceGuard = divergence.DivergenceGuard
 FreezeUnfreeze = finetuning.FreezeUnfreeze
 OneCycleWD = onecycle.OneCycleWD
+RunCheckpoint = checkpoint.RunCheckpoint
 RunInterrupted = interrupt.RunInterrupted
 SaveOnInterrupt = interrupt.SaveOnInterrupt
 ScheduleFreeEval = schedulefree.ScheduleFreeEval
@@ -77,6 +78,7 @@ __all__ = [
     "OneCycleWD",
     "OptimizerConfig",
     "Phase",
+    "RunCheckpoint",
     "RunInterrupted",
     "SaveOnInterrupt",
     "Schedule",

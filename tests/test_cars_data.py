@@ -16,7 +16,15 @@ from lightning_adamw.cli import import_zoo
 
 import_zoo(Path(__file__).resolve().parents[1])  # the zoo runs from the checkout: put it on sys.path
 
-from datamodules.cars import StanfordCarsDataModule, eval_transform, open_rgb, train_transform  # noqa: E402
+from datamodules.cars import (  # noqa: E402
+    CLASS_NAMES,
+    WHERE_TO_GET,
+    StanfordCarsDataModule,
+    eval_transform,
+    folder_name,
+    open_rgb,
+    train_transform,
+)
 
 N_TRAIN, N_TEST = 200, 40  # the shared 240 images: 1..200 as training images, 201..240 as "test" images
 
@@ -68,6 +76,14 @@ def folders(shared_data: Path, root: Path) -> dict[str, dict[str, int]]:
     return counts
 
 
+def every_class(shared_data: Path, root: Path) -> None:
+    """A folder for each of the 196 classes in train/ and test/, each holding one shared image (any of them)."""
+    for label, name in enumerate(CLASS_NAMES):
+        for split, number in (("train", label % N_TRAIN + 1), ("test", N_TRAIN + label % N_TEST + 1)):
+            (root / split / folder_name(name)).mkdir(parents=True)
+            os.symlink(image(shared_data, number), root / split / folder_name(name) / f"{number:05d}.jpg")
+
+
 def small(data_dir: Path, **kwargs: object) -> StanfordCarsDataModule:
     return StanfordCarsDataModule(data_dir=str(data_dir), image_size=32, batch_size=4, num_workers=0, **kwargs)
 
@@ -110,14 +126,42 @@ def test_an_epoch_keeps_the_last_incomplete_batch_as_the_study(shared_data: Path
 
 
 def test_class_folder_layout(shared_data: Path, tmp_path: Path) -> None:
-    counts = folders(shared_data, tmp_path)
-    dm = small(tmp_path)
-    dm.setup("fit")
-    assert dm.classes == sorted(counts["train"]) and dm.num_classes == len(counts["train"])
+    counts = folders(shared_data, tmp_path)  # only the classes with two shared images: the others are reported
+    dm = small(tmp_path, skip_bad=True)
+    with pytest.warns(UserWarning, match=f"{2 * (196 - len(counts['train']))} missing class folders"):
+        dm.setup("fit")
+    # labels are cars_meta.mat's, as in the devkit layout, not the order of the folders present
+    assert dm.classes == class_names(shared_data) == list(CLASS_NAMES) and dm.num_classes == 196
     for split in ("train", "test"):
         assert len(dm.samples[split]) == sum(counts[split].values())
-        assert all(path.parent.name == dm.classes[label] for path, label in dm.samples[split])
+        assert all(path.parent.name == folder_name(dm.classes[label]) for path, label in dm.samples[split])
     assert next(iter(dm.train_dataloader()))[0].shape == (4, 3, 32, 32)
+
+
+def test_a_missing_class_folder_is_named_and_shifts_no_label(shared_data: Path, tmp_path: Path) -> None:
+    every_class(shared_data, tmp_path)
+    gone = CLASS_NAMES[100]
+    for split in ("train", "test"):
+        for path in (tmp_path / split / gone).iterdir():
+            path.unlink()
+        (tmp_path / split / gone).rmdir()
+    with pytest.raises(RuntimeError) as err:
+        small(tmp_path, check_images=False).setup("fit")
+    assert f"2 missing class folders: {tmp_path / 'train' / gone}, {tmp_path / 'test' / gone}" in str(err.value)
+    dm = small(tmp_path, check_images=False, skip_bad=True)
+    with pytest.warns(UserWarning, match="2 missing class folders"):
+        dm.setup("fit")
+    assert dm.num_classes == 196
+    labels = {path.parent.name: label for path, label in dm.samples["train"]}
+    assert len(labels) == 195 and 100 not in labels.values()
+    assert all(labels[folder_name(name)] == i for i, name in enumerate(CLASS_NAMES) if i != 100)
+
+
+def test_a_folder_of_no_class_is_named(shared_data: Path, tmp_path: Path) -> None:
+    every_class(shared_data, tmp_path)
+    (tmp_path / "train" / folder_name(CLASS_NAMES[5])).rename(tmp_path / "train" / "Acura TL Sedan")
+    with pytest.raises(ValueError, match=r"1 class folders are not among its 196 classes: .*train/Acura TL Sedan\."):
+        small(tmp_path, check_images=False).setup("fit")
 
 
 def test_missing_dataset_gives_both_layouts_and_where_to_get_it(tmp_path: Path) -> None:
@@ -187,8 +231,8 @@ def test_without_the_check_a_bad_image_is_named_when_read(shared_data: Path, tmp
 
 
 def test_empty_and_missing_class_folders_are_reported(shared_data: Path, tmp_path: Path) -> None:
-    counts = folders(shared_data, tmp_path)
-    first, second = sorted(counts["train"])[:2]
+    every_class(shared_data, tmp_path)
+    first, second = (folder_name(name) for name in CLASS_NAMES[:2])
     for path in (tmp_path / "train" / first).iterdir():
         path.unlink()
     for path in (tmp_path / "test" / second).iterdir():
@@ -208,3 +252,26 @@ def test_transforms_give_square_images_of_the_requested_size(shared_data: Path, 
     for _ in range(5):
         assert train_transform(size)(photo).shape == (3, size, size)
     assert eval_transform(size)(photo).shape == (3, size, size)
+
+
+def test_an_unreadable_annotation_file_is_named(shared_data: Path, tmp_path: Path) -> None:
+    root = devkit(shared_data, tmp_path)
+    (root / "devkit" / "cars_train_annos.mat").write_bytes(b"MATLAB 5.0 MAT-file, truncated")
+    with pytest.raises(ValueError, match=f"annotation file {root / 'devkit' / 'cars_train_annos.mat'} cannot be read"):
+        small(root).setup("fit")
+
+
+def test_download_true_gives_where_to_get_it() -> None:
+    with pytest.raises(ValueError, match="cannot be downloaded automatically") as err:
+        StanfordCarsDataModule(download=True)
+    assert WHERE_TO_GET in str(err.value)
+
+
+def test_fewer_images_than_one_batch_with_drop_last_is_refused(shared_data: Path, tmp_path: Path) -> None:
+    devkit(shared_data, tmp_path)
+    dm = StanfordCarsDataModule(data_dir=str(tmp_path), image_size=32, batch_size=256, num_workers=0,
+                                check_images=False, drop_last=True)
+    dm.setup("fit")
+    with pytest.raises(ValueError, match="200 training images per device are fewer than one batch of batch_size=256 "
+                                         "with drop_last=true"):
+        dm.train_dataloader()

@@ -306,7 +306,7 @@ def test_absent_data_offline_names_the_folder_and_the_manual_step(tmp_path: Path
 
     offline = CIFAR10DataModule(data_dir=str(tmp_path / "nothing"), download=False)
     offline.prepare_data()  # download off: nothing to do
-    with pytest.raises(RuntimeError, match="was not found or failed its md5 check.*data.init_args.download=true"):
+    with pytest.raises(RuntimeError, match="was not found in .*data.init_args.download=true"):
         offline.setup("fit")
 
 
@@ -319,8 +319,23 @@ def test_corrupted_file_fails_the_md5_check(tmp_path: Path, shared_data: Path) -
     (folder / "batches.meta").write_bytes(b"not a pickle")
     dm = CIFAR10DataModule(data_dir=str(tmp_path), download=True)
     dm.prepare_data()  # every file is there: no download attempt
-    with pytest.raises(RuntimeError, match="failed its md5 check"):
+    with pytest.raises(RuntimeError, match=f"{folder / 'batches.meta'} fails the md5 check of the official release"):
         dm.setup("test")
+
+
+def test_a_truncated_batch_and_a_missing_one_are_named_alone(tmp_path: Path, shared_data: Path) -> None:
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for src in (shared_data / "cifar10" / "cifar-10-batches-py").iterdir():
+        if src.name == "data_batch_3":
+            (folder / src.name).write_bytes(src.read_bytes()[:1_000_000])  # an interrupted copy: does not unpickle
+        elif src.name != "data_batch_5":
+            os.symlink(src, folder / src.name)
+    with pytest.raises(RuntimeError) as err:
+        CIFAR10DataModule(data_dir=str(tmp_path), download=False).setup("fit")
+    message = str(err.value)
+    assert f"{folder / 'data_batch_3'} fails the md5 check" in message and "data_batch_5 is missing" in message
+    assert "data_batch_1" not in message and "test_batch" not in message
 
 
 def test_arguments_are_checked() -> None:

@@ -83,7 +83,7 @@ def test_lightningcli_yaml_recipe(package: str, tmp_path: Path) -> None:
     logger = {"class_path": f"{root}.loggers.TensorBoardLogger",
               "init_args": {"save_dir": str(tmp_path), "name": "tb", "version": "run"}}
     config["trainer"].update(logger=logger,
-                             enable_progress_bar=False, enable_checkpointing=False, default_root_dir=str(tmp_path))
+                             enable_progress_bar=False, default_root_dir=str(tmp_path))
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     cli = cli_class(args=["fit", "--config", str(path)])

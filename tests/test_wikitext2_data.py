@@ -244,3 +244,16 @@ def test_window_draws_are_reproducible() -> None:
     assert a.windows(5) == b.windows(5) and a.windows(5) != a.windows(6)
     fixed = TrainWindows(streams, 35, False, seed=3).windows(0)
     assert fixed == [(i * 35, 35) for i in range(28)]
+
+
+def test_a_file_in_another_encoding_is_named(shared_data: Path, tmp_path: Path) -> None:
+    text = (shared_data / "wikitext-2" / "wiki.valid.tokens").read_text(encoding="utf-8")
+    bad = tmp_path / "wiki.valid.tokens"
+    bad.write_bytes(text.encode("utf-16"))  # what a Windows editor's "Unicode" saves
+    with pytest.raises(ValueError, match=f"WikiText-2 file {bad} is not UTF-8 text .* at byte 0, line 1"):
+        read_tokens(bad)
+    first = next(i for i, c in enumerate(text) if 127 < ord(c) < 256)  # the first byte Latin-1 writes >= 0x80
+    line = 1 + text[:first].count("\n")
+    bad.write_bytes(text.encode("latin-1", errors="replace"))
+    with pytest.raises(ValueError, match=f"is not UTF-8 text .*, line {line}\\)"):
+        read_tokens(bad)

@@ -54,6 +54,10 @@ def _callbacks(config: dict[str, Any]) -> list[dict[str, Any]]:
     return callbacks
 
 
+#: the checkpoint callbacks a config may name (the runner points their folder into the run's own)
+CHECKPOINT_CLASSES = ("ModelCheckpoint", "RunCheckpoint")
+
+
 def _class_name(node: Any) -> str:
     return str(node.get("class_path", "")).rsplit(".", 1)[-1] if isinstance(node, dict) else str(node)
 
@@ -62,7 +66,7 @@ def monitored(config: dict[str, Any]) -> tuple[str, str]:
     """The metric the config's ModelCheckpoint watches, and whether higher is better (``max``)."""
     for callback in _callbacks(config):
         args = callback.get("init_args", {}) if isinstance(callback, dict) else {}
-        if _class_name(callback) == "ModelCheckpoint" and args.get("monitor"):
+        if _class_name(callback) in CHECKPOINT_CLASSES and args.get("monitor"):
             return args["monitor"], args.get("mode", "min")
     return "val/loss", "min"
 
@@ -85,9 +89,9 @@ def run_config(base: dict[str, Any], override: dict[str, Any], seed: int, run_di
     trainer["logger"] = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                          "init_args": {"save_dir": str(run_dir), "name": "tb", "version": "fit"}}
     callbacks = _callbacks(config)
-    checkpoints = [c for c in callbacks if _class_name(c) == "ModelCheckpoint"]
+    checkpoints = [c for c in callbacks if _class_name(c) in CHECKPOINT_CLASSES]
     if not checkpoints:
-        checkpoints = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {}}]
+        checkpoints = [{"class_path": "lightning_adamw.RunCheckpoint", "init_args": {}}]
         callbacks.append(checkpoints[0])
     for checkpoint in checkpoints:
         args = checkpoint.setdefault("init_args", {})
