@@ -19,6 +19,7 @@ from test_pytorch_lightning import onecycle_oracle
 from torch import nn
 
 from lightning_adamw import (
+    Constant,
     FreezeUnfreeze,
     OneCycle2018,
     OneCycleWD,
@@ -186,6 +187,24 @@ def test_fine_tune_preset_reproduces_the_cars_recipe(tmp_path: Path) -> None:
     shown_expected[: 2 * STEPS_PER_EPOCH, :2] = 0.0
     np.testing.assert_allclose(shown, shown_expected, rtol=1e-6)
 
+
+
+def test_a_frozen_group_logs_decoupled_decay_zero(tmp_path: Path) -> None:
+    """The decay factor is applied to parameters with a gradient only, so a frozen group logs wd 0, not lr * wd."""
+    model = ThreeGroups(OptimizerConfig("adam", lr=1e-2, weight_decay=0.1, wd_mode="decoupled"))
+    model.net[0:2].requires_grad_(False)
+    frozen = [p.detach().clone() for p in model.net[0:2].parameters()]
+    logger = TensorBoardLogger(tmp_path, name="tb", version="run")
+    _tiny.trainer(max_epochs=1, callbacks=[OneCycleWD(Constant())], logger=logger, log_every_n_steps=1).fit(
+        model, _tiny.loader(8))
+    events = EventAccumulator(str(tmp_path / "tb" / "run"), size_guidance={"scalars": 0})
+    events.Reload()
+    logged = {tag: [e.value for e in events.Scalars(tag)] for tag in ("wd/pg0", "wd/pg1", "lr/pg0", "lr/pg1")}
+    assert logged["wd/pg0"] == logged["lr/pg0"] == [0.0] * STEPS_PER_EPOCH
+    np.testing.assert_allclose(logged["wd/pg1"], [1e-2 * 0.1] * STEPS_PER_EPOCH, rtol=1e-6)
+    np.testing.assert_allclose(logged["lr/pg1"], [1e-2] * STEPS_PER_EPOCH, rtol=1e-6)
+    for before, after in zip(frozen, model.net[0:2].parameters()):
+        torch.testing.assert_close(before, after.detach(), rtol=0, atol=0)  # nor decayed
 
 def test_a_run_shorter_than_log_every_n_steps_warns_that_no_schedule_is_logged(tmp_path: Path) -> None:
     logger = TensorBoardLogger(tmp_path, name="tb", version="run")
