@@ -136,9 +136,23 @@ def test_refuses_decay_twice() -> None:
 def test_schedule_only_keeps_the_optimizers_own_decay() -> None:
     """Without a decoupled weight decay the callback only schedules: torch's AdamW decays as usual."""
     recorder = Recorder()
-    model = TinyRegression(lambda params: torch.optim.AdamW(params, lr=1e-3))
+    model = TinyRegression(lambda params: torch.optim.AdamW(params, lr=1e-3, weight_decay=0.5))
     trainer(max_steps=4, callbacks=[OneCycleWD(), recorder]).fit(model, loader())
     assert len(recorder.lrs) == 4
+    # oracle: a naive loop with torch's AdamW (its own decay 0.5) at the lrs and beta1s OneCycleWD set
+    reference = TinyRegression()
+    optimizer = torch.optim.AdamW(reference.net.parameters(), lr=1e-3, weight_decay=0.5)
+    for (x, y), lrs, momenta in zip(loader(), recorder.lrs, recorder.momenta):
+        for group in optimizer.param_groups:
+            group["lr"], group["betas"] = lrs[0], (momenta[0], group["betas"][1])
+        optimizer.zero_grad()
+        torch.nn.functional.mse_loss(reference.net(x), y).backward()
+        optimizer.step()
+    for a, b in zip(model.net.parameters(), reference.net.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    undecayed = TinyRegression(lambda params: torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0))
+    trainer(max_steps=4, callbacks=[OneCycleWD()]).fit(undecayed, loader())
+    assert not torch.allclose(undecayed.net[0].weight, model.net[0].weight)  # the decay did act
 
 
 def test_needs_a_run_length() -> None:
