@@ -25,6 +25,7 @@ from jsonargparse import Namespace
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import BatchSizeFinder, LearningRateFinder, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.trainer.states import TrainerStatus
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
@@ -156,7 +157,9 @@ class AdamWTrainer(Trainer):
     def fit(self, *args: Any, **kwargs: Any) -> None:
         self._restoring(super().fit, *args, **kwargs)
         tuning = any(isinstance(c, (LearningRateFinder, BatchSizeFinder)) for c in self.callbacks)  # Tuner's own fit
-        if self.state.status == TrainerStatus.FINISHED and self.global_step == 0 and not tuning:
+        # ddp_spawn trains in child processes: this process's loops never ran, so its global_step says nothing
+        spawned = isinstance(getattr(self.strategy, "launcher", None), _MultiProcessingLauncher)
+        if self.state.status == TrainerStatus.FINISHED and self.global_step == 0 and not tuning and not spawned:
             settings = [f"trainer.{name}={value}" for name, value in (
                 ("max_steps", self.max_steps), ("max_epochs", self.max_epochs),
                 ("limit_train_batches", self.limit_train_batches)) if value == 0]
