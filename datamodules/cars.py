@@ -31,6 +31,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
+from datamodules.contract import rank_world
+
 #: ImageNet statistics: the normalisation the pretrained ResNet-50 expects (RECIPES.md, Cars augmentation).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -339,7 +341,7 @@ class StanfordCarsDataModule(LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         loader = self._loader("train", train=True)
-        world_size = 1 if self.trainer is None else self.trainer.world_size
+        world_size = rank_world(self.trainer)[1]
         per_device = math.ceil(len(self.samples["train"]) / world_size)  # DistributedSampler pads
         if self.drop_last and per_device < self.batch_size:
             raise ValueError(

@@ -35,6 +35,8 @@ from torchvision.datasets import CIFAR10
 from torchvision.datasets.utils import check_integrity
 from torchvision.transforms import v2
 
+from datamodules.contract import rank_world
+
 #: RECIPES.md, "Models": CIFAR-10 channel mean and standard deviation.
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -381,10 +383,6 @@ class CIFAR10DataModule(LightningDataModule):
         return normalize(self.splits["train"][0][:n])
 
     # ------------------------------------------------------------------ loaders
-    def _rank(self) -> tuple[int, int]:
-        trainer = self.trainer
-        return (0, 1) if trainer is None else (trainer.global_rank, trainer.world_size)
-
     def _loader(self, split: str, train: bool) -> DeviceBatches | DataLoader:
         if split not in self.splits:
             raise RuntimeError(f"CIFAR10DataModule: call setup() for the {split!r} split before its dataloader.")
@@ -395,7 +393,7 @@ class CIFAR10DataModule(LightningDataModule):
             return DataLoader(dataset, batch_size=self.batch_size, shuffle=train, drop_last=train and self.drop_last,
                               num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
                               pin_memory=torch.cuda.is_available())
-        rank, world_size = self._rank()
+        rank, world_size = rank_world(self.trainer)
         if train:  # each rank draws its own crops and flips
             self._augment_generator = torch.Generator().manual_seed(self.seed + rank)
         device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
@@ -415,7 +413,7 @@ class CIFAR10DataModule(LightningDataModule):
     def train_dataloader(self) -> DeviceBatches | DataLoader:
         loader = self._loader("train", train=True)
         n = len(self.splits["train"][1])
-        world_size = self._rank()[1]
+        world_size = rank_world(self.trainer)[1]
         # the device loader's sampler drops the remainder across devices; Lightning's DistributedSampler pads it
         per_device = n // world_size if self.loader == "device" else math.ceil(n / world_size)
         if per_device == 0 or (self.drop_last and per_device < self.batch_size):

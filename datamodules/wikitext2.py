@@ -42,12 +42,12 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
+from datamodules.contract import IGNORE_INDEX, rank_world
+
 Split = Literal["train", "valid", "test"]
 
 EOS = "<eos>"
 UNK = "<unk>"
-#: Target value the loss and the perplexity skip (padding at the end of the last evaluation stream).
-IGNORE_INDEX = -100
 
 #: The maintained mirror: the PyTorch examples repository keeps the three WikiText-2 v1 token files as plain text
 #: (the Salesforce S3 archive the dataset was published in is no longer reliably served).
@@ -432,10 +432,6 @@ class WikiText2(LightningDataModule):
             )
         return self._ids[split]
 
-    def _rank_world(self) -> tuple[int, int]:
-        trainer = self.trainer
-        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-
     def _check_length(self, split: Split, ids: Tensor, streams: int, bptt: int) -> None:
         if ids.numel() - 1 < streams * bptt:
             raise ValueError(
@@ -455,7 +451,7 @@ class WikiText2(LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         self._ensure_files(download=False)
         self._settle_vocabulary()
-        rank, world = self._rank_world()
+        rank, world = rank_world(self.trainer)
         train, evaluation = (self.batch_size, self.bptt), (self.eval_batch_size, self.eval_bptt)
         checks = {
             "train": (("fit",), train), "valid": (("fit", "validate"), evaluation), "test": (("test",), evaluation)
@@ -467,7 +463,7 @@ class WikiText2(LightningDataModule):
         self._train_tokens = None
 
     def _eval_loader(self, key: str) -> EvalWindows:
-        rank, world = self._rank_world()
+        rank, world = rank_world(self.trainer)
         split = self.splits[key]
         inputs, targets = eval_streams(self._encode(split), self.eval_batch_size, rank, world)
         return EvalWindows(inputs, targets, self.eval_bptt)
@@ -477,7 +473,7 @@ class WikiText2(LightningDataModule):
     # leaves non-DataLoader iterables alone under DDP, where each device already reads its own streams.
     def train_dataloader(self) -> TrainWindows:
         # built here rather than in setup: a checkpoint's vocabulary is restored between the two
-        rank, world = self._rank_world()
+        rank, world = rank_world(self.trainer)
         epoch = self._train_windows.epoch if self._train_windows is not None else self._train_epoch
         streams = train_streams(self._encode(self.splits["train"]), self.batch_size, rank, world)
         self._train_windows = TrainWindows(streams, self.bptt, self.variable_bptt, self.seed)

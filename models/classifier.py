@@ -30,12 +30,12 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from datamodules.contract import AugmentedEvaluation, TrainImages, require
 from lightning_adamw import OptimizerConfig
 
 #: Seed of the TTA draws (plus the global rank), set at the start of every validation and test epoch.
@@ -164,15 +164,10 @@ class ImageClassifier(LightningModule):
         init = getattr(self.net, "init_from_data", None)
         if not callable(init) or self.net.data_initialized:
             return
-        images = getattr(self.trainer.datamodule, "train_images", None)
-        if not callable(images):
-            raise MisconfigurationException(
-                f"{type(self.net).__name__} is initialised from the training images, which it reads from the "
-                f"datamodule's train_images(n); the trainer's datamodule "
-                f"({type(self.trainer.datamodule).__name__}) has none. Use CIFAR10DataModule (or add "
-                "train_images to yours), or start from a checkpoint of a fitted network."
-            )
-        init(images(self.net.init_images).to(self.device))
+        data = require(self.trainer.datamodule, TrainImages,
+                       f"{type(self.net).__name__}, fitted to the training images,",
+                       "or start from a checkpoint of a fitted network")
+        init(data.train_images(self.net.init_images).to(self.device))
 
     def on_train_epoch_start(self) -> None:
         set_epoch = getattr(self.net, "set_epoch", None)
@@ -180,16 +175,9 @@ class ImageClassifier(LightningModule):
             set_epoch(self.current_epoch)
 
     def _tta_augment(self) -> Callable[[Tensor, torch.Generator], Tensor]:
-        augment = getattr(self.trainer.datamodule, "tta_augment", None)
-        if not callable(augment):
-            raise MisconfigurationException(
-                f"ImageClassifier(tta=True) takes the training augmentation from the datamodule's "
-                f"tta_augment(images, generator), but the trainer's datamodule "
-                f"({type(self.trainer.datamodule).__name__}) has none. Use CIFAR10DataModule or "
-                "StanfordCarsDataModule (or add tta_augment to yours), pass the datamodule rather than bare "
-                "dataloaders, or set model.init_args.tta=false."
-            )
-        return augment
+        data = require(self.trainer.datamodule, AugmentedEvaluation, "ImageClassifier(tta=True, tta_mode='augment')",
+                       "pass the datamodule rather than bare dataloaders, or set model.init_args.tta=false")
+        return data.tta_augment
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         images, labels = batch

@@ -37,12 +37,10 @@ from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
 from torchmetrics.aggregation import MeanMetric
 
+from datamodules.contract import IGNORE_INDEX, TokenData, require
 from lightning_adamw import OptimizerConfig
 from models.awd import AWDNetwork
 from models.cache_pointer import NeuralCache
-
-#: Targets with this value are padding (the end of the last evaluation stream): no loss, not counted.
-IGNORE_INDEX = -100
 
 
 class LanguageModel(LightningModule):
@@ -109,28 +107,22 @@ class LanguageModel(LightningModule):
 
     # ------------------------------------------------------------------ building
     def configure_model(self) -> None:
-        if self.net is not None:
-            return
-        size = getattr(getattr(self._trainer, "datamodule", None), "vocab_size", None)
-        if size is None:
+        # The vocabulary size is settled here, once: the datamodule built its vocabulary in setup (which runs first);
+        # a checkpoint restored afterwards brings its own vocabulary and size (on_load_checkpoint).
+        datamodule = getattr(self._trainer, "datamodule", None)
+        if self.net is not None and datamodule is None:
+            return  # vocab_size given and bare dataloaders: nothing to agree with
+        data = require(datamodule, TokenData, "LanguageModel",
+                       "or pass model.init_args.vocab_size and give the Trainer dataloaders of token ids")
+        if self.net is None:
+            self.net = self.network_factory(data.vocab_size)
+            self.hparams["vocab_size"] = data.vocab_size  # so the checkpoint rebuilds the same network
+        elif data.vocab_size != self.net.vocab_size:
             raise ValueError(
-                "LanguageModel(vocab_size=None) takes the vocabulary size from the Trainer's datamodule, which has no "
-                "`vocab_size`: pass vocab_size or a datamodule such as WikiText2."
+                f"LanguageModel(vocab_size={self.net.vocab_size:,}) but the datamodule's vocabulary has "
+                f"{data.vocab_size:,} words: drop the model's vocab_size (it is then taken from the datamodule) or "
+                "fix it."
             )
-        self.net = self.network_factory(size)
-        self.hparams["vocab_size"] = size  # so the checkpoint rebuilds the same network
-
-    def _check_vocab_size(self) -> None:
-        # after any checkpoint is restored (its vocabulary replaces the datamodule's, its size the network's)
-        size = getattr(self.trainer.datamodule, "vocab_size", None)
-        if size is not None and size != self.network.vocab_size:
-            raise ValueError(
-                f"LanguageModel was built for {self.network.vocab_size:,} words but the datamodule's vocabulary has "
-                f"{size:,}: drop the model's vocab_size (it is then taken from the datamodule) or fix it."
-            )
-
-    def on_fit_start(self) -> None:
-        self._check_vocab_size()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Evaluating a checkpoint with a datamodule whose train file differs: configure_model sized the network from
@@ -209,9 +201,6 @@ class LanguageModel(LightningModule):
             self.log(f"{stage}/ppl_cache", self.nll_cache[stage].compute().exp(), prog_bar=True)
             self.nll_cache[stage].reset()
 
-    def on_validation_start(self) -> None:
-        self._check_vocab_size()
-
     def on_validation_epoch_start(self) -> None:
         self._eval_start("val")
 
@@ -220,9 +209,6 @@ class LanguageModel(LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self._eval_end("val")
-
-    def on_test_start(self) -> None:
-        self._check_vocab_size()
 
     def on_test_epoch_start(self) -> None:
         self._eval_start("test")
