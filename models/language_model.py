@@ -107,22 +107,27 @@ class LanguageModel(LightningModule):
 
     # ------------------------------------------------------------------ building
     def configure_model(self) -> None:
-        # The vocabulary size is settled here, once: the datamodule built its vocabulary in setup (which runs first);
-        # a checkpoint restored afterwards brings its own vocabulary and size (on_load_checkpoint).
-        datamodule = getattr(self._trainer, "datamodule", None)
-        if self.net is not None and datamodule is None:
-            return  # vocab_size given and bare dataloaders: nothing to agree with
-        data = require(datamodule, TokenData, "LanguageModel",
-                       "or pass model.init_args.vocab_size and give the Trainer dataloaders of token ids")
-        if self.net is None:
-            self.net = self.network_factory(data.vocab_size)
-            self.hparams["vocab_size"] = data.vocab_size  # so the checkpoint rebuilds the same network
-        elif data.vocab_size != self.net.vocab_size:
+        # The network is built here from the vocabulary the datamodule built in setup (which runs first). A
+        # checkpoint restored afterwards brings its own vocabulary and size (on_load_checkpoint), so whether the
+        # sizes agree can only be checked once a stage starts (_check_vocab_size).
+        if self.net is not None:
+            return
+        data = require(getattr(self._trainer, "datamodule", None), TokenData, "LanguageModel(vocab_size=None)",
+                       "or pass model.init_args.vocab_size")
+        self.net = self.network_factory(data.vocab_size)
+        self.hparams["vocab_size"] = data.vocab_size  # so the checkpoint rebuilds the same network
+
+    def _check_vocab_size(self) -> None:
+        # Lightning has no single hook after a checkpoint is restored: this runs at the start of each stage
+        size = getattr(self.trainer.datamodule, "vocab_size", None)
+        if size is not None and size != self.network.vocab_size:
             raise ValueError(
-                f"LanguageModel(vocab_size={self.net.vocab_size:,}) but the datamodule's vocabulary has "
-                f"{data.vocab_size:,} words: drop the model's vocab_size (it is then taken from the datamodule) or "
-                "fix it."
+                f"LanguageModel(vocab_size={self.network.vocab_size:,}) but the datamodule's vocabulary has "
+                f"{size:,} words: drop the model's vocab_size (it is then taken from the datamodule) or fix it."
             )
+
+    def on_fit_start(self) -> None:
+        self._check_vocab_size()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Evaluating a checkpoint with a datamodule whose train file differs: configure_model sized the network from
@@ -201,6 +206,9 @@ class LanguageModel(LightningModule):
             self.log(f"{stage}/ppl_cache", self.nll_cache[stage].compute().exp(), prog_bar=True)
             self.nll_cache[stage].reset()
 
+    def on_validation_start(self) -> None:
+        self._check_vocab_size()
+
     def on_validation_epoch_start(self) -> None:
         self._eval_start("val")
 
@@ -209,6 +217,9 @@ class LanguageModel(LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self._eval_end("val")
+
+    def on_test_start(self) -> None:
+        self._check_vocab_size()
 
     def on_test_epoch_start(self) -> None:
         self._eval_start("test")

@@ -123,7 +123,8 @@ def test_interrupted_run_resumes_and_finished_runs_are_skipped(setup: Path) -> N
 
 def test_variants_all_names_every_variant_of_the_file(setup: Path) -> None:
     args, _ = parse_args(["--config", str(setup / "tiny.yaml"), "--variants", "all"])
-    assert load(args).names == ["adamw", "adam_l2"]
+    written = yaml.safe_load((setup / "variants_tiny.yaml").read_text())["variants"]
+    assert load(args).names == list(written) and set(written) == {"adamw", "adam_l2"}
 
 
 def test_refuses_unknown_variants_seeds_and_missing_config(setup: Path) -> None:
