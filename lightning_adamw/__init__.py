@@ -14,6 +14,7 @@ from lightning_adamw.decay import DecoupledDecay
 from lightning_adamw.divergence import DivergenceError, DivergenceGuard
 from lightning_adamw.finetuning import FreezeUnfreeze
 from lightning_adamw.interrupt import RunInterrupted, SaveOnInterrupt
+from lightning_adamw.lookahead import Lookahead
 from lightning_adamw.muon import MuonAdamW, muon_split
 from lightning_adamw.onecycle import OneCycleWD
 from lightning_adamw.registry import (
@@ -35,6 +36,7 @@ __all__ = [
     "DivergenceError",
     "DivergenceGuard",
     "FreezeUnfreeze",
+    "Lookahead",
     "MuonAdamW",
     "OneCycle",
     "OneCycle2018",

@@ -428,7 +428,8 @@ class OptimizerConfig:
         eps: the optimizer's epsilon.
         exclude_bias_and_norm: no decay on biases and normalisation weights.
         kwargs: any other optimizer argument (``nesterov``, ``alpha``, ...), and for ``muon`` the split overrides
-            ``muon_params`` / ``adamw_params`` (see :func:`lightning_adamw.muon.muon_split`).
+            ``muon_params`` / ``adamw_params`` (see :func:`lightning_adamw.muon.muon_split`). ``None`` (or ``{}``):
+            none; a comparison variant writes ``kwargs: null`` to drop the base config's (``nesterov`` for Adam).
 
     ``lr_range`` and ``layer_decay`` need the layer groups: build over a list of modules (body first, head last) or
     a module with a ``layer_groups()`` method returning them.
@@ -449,7 +450,7 @@ class OptimizerConfig:
     momentum: float | None = None
     eps: float | None = None
     exclude_bias_and_norm: bool = False
-    kwargs: dict[str, Any] = field(default_factory=dict)
+    kwargs: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         # plain values whatever built the config (Hydra passes its ListConfig containers)
@@ -537,7 +538,7 @@ class OptimizerConfig:
             lr = self.group_lrs(len(params))
         entry, mode = self._resolve()
         return _build(entry, mode, params, lr=lr, weight_decay=self.weight_decay,
-                      exclude_bias_and_norm=self.exclude_bias_and_norm, **extra, **self.kwargs)
+                      exclude_bias_and_norm=self.exclude_bias_and_norm, **extra, **(self.kwargs or {}))
 
 
 register_optimizer("sgd", torch.optim.SGD, defaults={"momentum": 0.9},

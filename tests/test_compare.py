@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import yaml
 
-from lightning_adamw.experiments.compare import main
+from lightning_adamw.experiments.compare import load, main, parse_args
 from lightning_adamw.experiments.report import markdown, plot
 from lightning_adamw.experiments.results import summarise
 from lightning_adamw.experiments.runs import deep_merge
@@ -119,6 +119,11 @@ def test_interrupted_run_resumes_and_finished_runs_are_skipped(setup: Path) -> N
         assert all(a < b for a, b in zip(elapsed, elapsed[1:]))  # wall time summed over the two sessions
     # the resumed run continues the same curve: both seeds' runs are deterministic, the interruption changes nothing
     assert runs[1]["epochs"] == runs[0]["epochs"]
+
+
+def test_variants_all_names_every_variant_of_the_file(setup: Path) -> None:
+    args, _ = parse_args(["--config", str(setup / "tiny.yaml"), "--variants", "all"])
+    assert load(args).names == ["adamw", "adam_l2"]
 
 
 def test_refuses_unknown_variants_seeds_and_missing_config(setup: Path) -> None:

@@ -46,7 +46,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         "Arguments after the known ones (e.g. --trainer.max_epochs 5) go to every run.",
     )
     parser.add_argument("--config", required=True, type=Path, help="the base experiment config (YAML)")
-    parser.add_argument("--variants", required=True, help="comma-separated variant names from the variants file")
+    parser.add_argument("--variants", required=True,
+                        help="comma-separated variant names from the variants file, or 'all'")
     parser.add_argument("--seeds", type=int, default=3, help="runs per variant (seeds 0..N-1)")
     parser.add_argument("--variants_file", type=Path, help="default: the variants*.yaml beside the config naming it")
     parser.add_argument("--out", type=Path, help="default: runs/compare/<config name>")
@@ -85,7 +86,8 @@ def load(args: argparse.Namespace) -> Comparison:
     variants_file = args.variants_file or default_variants_file(args.config)
     spec = yaml.safe_load(variants_file.read_text()) or {}
     available = spec.get("variants", {})
-    names = [n.strip() for n in args.variants.split(",") if n.strip()]
+    names = (list(available) if args.variants.strip() == "all"
+             else [n.strip() for n in args.variants.split(",") if n.strip()])
     unknown = [n for n in names if n not in available]
     if unknown:
         raise SystemExit(f"Unknown variant(s) {unknown} in {variants_file}; available: {', '.join(available)}.")
