@@ -13,37 +13,21 @@ the number reported is the median over rounds of (CLI images/s) / (loop images/s
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
-import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-import lightning.pytorch as pl
 import torch
-import yaml
 from torch.nn import functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _cli_timing import compare, timed_fit  # noqa: E402
+
 from datamodules.cifar10 import CIFAR10DataModule, normalize, random_crop_flip  # noqa: E402
 from lightning_adamw import OneCycle2018, OneCycleWD, OptimizerConfig  # noqa: E402
-from lightning_adamw.cli import main  # noqa: E402
 from models.wrn import WideResNet  # noqa: E402
-
-
-class TrainTime(pl.Callback):
-    """Seconds from the start of training to its end (what the loop's timer spans too)."""
-
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.start = time.perf_counter()
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.elapsed = time.perf_counter() - self.start
-
 
 OPTIMIZER = {"name": "adam", "wd_mode": "decoupled", "lr": 3e-3, "weight_decay": 0.1, "betas": [0.95, 0.99]}
 
@@ -57,8 +41,7 @@ def cli_run(data_dir: str, subset: int, epochs: int, batch: int, workdir: Path) 
             "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                        "init_args": {"save_dir": str(workdir), "name": "cli"}},
             "callbacks": [{"class_path": "lightning_adamw.OneCycleWD",
-                           "init_args": {"schedule": {"class_path": "lightning_adamw.OneCycle2018"}}},
-                          {"class_path": "bench_cli_vs_loop.TrainTime"}],
+                           "init_args": {"schedule": {"class_path": "lightning_adamw.OneCycle2018"}}}],
         },
         "model": {"class_path": "models.classifier.ImageClassifier",
                   "init_args": {"net": {"class_path": "models.wrn.WideResNet", "init_args": {"depth": 10, "width": 1}},
@@ -66,12 +49,7 @@ def cli_run(data_dir: str, subset: int, epochs: int, batch: int, workdir: Path) 
         "data": {"class_path": "datamodules.cifar10.CIFAR10DataModule",
                  "init_args": {"data_dir": data_dir, "download": False, "batch_size": batch, "train_subset": subset}},
     }
-    path = workdir / "cli.yaml"
-    path.write_text(yaml.safe_dump(config))
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        cli = main(["fit", "--config", str(path)])
-    timer = next(c for c in cli.trainer.callbacks if type(c).__name__ == "TrainTime")
-    return timer.elapsed
+    return timed_fit(config, workdir)
 
 
 def loop_run(data_dir: str, subset: int, epochs: int, batch: int) -> float:
@@ -113,25 +91,9 @@ def main_bench() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     images = args.subset * args.epochs
-    ratios, cli_rates, loop_rates = [], [], []
-    with tempfile.TemporaryDirectory() as tmp:
-        for r in range(args.rounds):
-            order = (("cli", "loop") if r % 2 == 0 else ("loop", "cli"))
-            times = {}
-            for which in order:
-                if which == "cli":
-                    times[which] = cli_run(args.data_dir, args.subset, args.epochs, args.batch, Path(tmp))
-                else:
-                    times[which] = loop_run(args.data_dir, args.subset, args.epochs, args.batch)
-            cli_rates.append(images / times["cli"])
-            loop_rates.append(images / times["loop"])
-            ratios.append(times["loop"] / times["cli"])
-            print(f"round {r}: CLI {cli_rates[-1]:.0f} img/s, loop {loop_rates[-1]:.0f} img/s, "
-                  f"ratio {ratios[-1]:.3f}", flush=True)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {args.subset} images x {args.epochs} epochs")
-    print("| LightningCLI fit | hand-written loop | median ratio (CLI / loop) |\n|---|---|---|")
-    print(f"| {statistics.median(cli_rates):.0f} images/s | {statistics.median(loop_rates):.0f} images/s "
-          f"| {statistics.median(ratios):.3f} |")
+    compare(args.rounds, images, lambda workdir: cli_run(args.data_dir, args.subset, args.epochs, args.batch, workdir),
+            lambda: loop_run(args.data_dir, args.subset, args.epochs, args.batch))
 
 
 if __name__ == "__main__":

@@ -15,15 +15,10 @@ smoothing 0.2):
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
-import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-import lightning.pytorch as pl
 import torch
 import yaml
 from torch.nn import functional as F
@@ -31,22 +26,13 @@ from torch.nn import functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _cli_timing import compare, timed_fit  # noqa: E402
+
 from datamodules.cifar10 import CIFAR10DataModule  # noqa: E402
 from lightning_adamw import OneCycleWD, OptimizerConfig, Phase, Schedule  # noqa: E402
-from lightning_adamw.cli import main  # noqa: E402
 from models.airbench import AirbenchNet  # noqa: E402
 
 CONFIG = ROOT / "configs" / "cifar10_fast.yaml"
-
-
-class TrainTime(pl.Callback):
-    """Seconds from the start of training to its end (what the loop's timer spans too)."""
-
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.start = time.perf_counter()
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.elapsed = time.perf_counter() - self.start
 
 
 def shipped() -> dict:
@@ -100,14 +86,10 @@ def cli_run(data_dir: str, subset: int, epochs: int, batch: int, workdir: Path) 
     config["trainer"].update({"accelerator": "cpu", "max_epochs": epochs, "limit_val_batches": 0,
                               "num_sanity_val_steps": 0, "enable_checkpointing": False})
     config["trainer"]["logger"]["init_args"]["save_dir"] = str(workdir)
-    config["trainer"]["callbacks"] = [config["trainer"]["callbacks"][0], {"class_path": "bench_fast_cifar.TrainTime"}]
+    config["trainer"]["callbacks"] = config["trainer"]["callbacks"][:1]
     config["data"]["init_args"].update({"data_dir": data_dir, "download": False, "batch_size": batch,
                                         "train_subset": subset})
-    path = workdir / "cli.yaml"
-    path.write_text(yaml.safe_dump(config))
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        cli = main(["fit", "--config", str(path)])
-    return next(c for c in cli.trainer.callbacks if type(c).__name__ == "TrainTime").elapsed
+    return timed_fit(config, workdir)
 
 
 def main_bench() -> None:
@@ -124,21 +106,8 @@ def main_bench() -> None:
     for precision in ("fp32", "bf16"):
         seconds = loop_run(args.data_dir, args.subset, args.epochs, args.batch, precision)
         print(f"| hand-written step, {precision}, channels-last | {images / seconds:.0f} images/s |", flush=True)
-    ratios, cli_rates, loop_rates = [], [], []
-    with tempfile.TemporaryDirectory() as tmp:
-        for r in range(args.rounds):
-            times = {}
-            for which in (("cli", "loop") if r % 2 == 0 else ("loop", "cli")):
-                times[which] = (cli_run(args.data_dir, args.subset, args.epochs, args.batch, Path(tmp))
-                                if which == "cli" else loop_run(args.data_dir, args.subset, args.epochs, args.batch))
-            cli_rates.append(images / times["cli"])
-            loop_rates.append(images / times["loop"])
-            ratios.append(times["loop"] / times["cli"])
-            print(f"round {r}: CLI {cli_rates[-1]:.0f} img/s, loop {loop_rates[-1]:.0f} img/s, "
-                  f"ratio {ratios[-1]:.3f}", flush=True)
-    print("| LightningCLI fit (bf16) | hand-written loop (bf16) | median ratio (CLI / loop) |\n|---|---|---|")
-    print(f"| {statistics.median(cli_rates):.0f} images/s | {statistics.median(loop_rates):.0f} images/s "
-          f"| {statistics.median(ratios):.3f} |")
+    compare(args.rounds, images, lambda workdir: cli_run(args.data_dir, args.subset, args.epochs, args.batch, workdir),
+            lambda: loop_run(args.data_dir, args.subset, args.epochs, args.batch), label=" (bf16)")
 
 
 if __name__ == "__main__":

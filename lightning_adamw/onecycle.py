@@ -38,10 +38,12 @@ class OneCycleWD(Callback):
        gradient (the convention of ``torch.optim.AdamW`` and fastai), or ``w <- w - eta_t * wd * w`` with ``eta_t``
        the schedule multiplier (``wd_convention="schedule"``, as written in the AdamW paper); nothing is decayed on
        a step that fp16 mixed precision skips,
-    3. logs ``lr``, ``momentum`` and ``wd`` (the decay factor ``lr_t * wd`` actually applied, 0 on a skipped step)
-       to every logger; with several parameter groups the names are ``lr/pg0``, ``lr/pg1``, ...; a group whose
-       parameters are all frozen is logged at lr 0 (and wd 0). Lightning writes these every ``log_every_n_steps``
-       steps: a run shorter than that logs none (a warning says so).
+    3. logs ``lr``, ``momentum`` and ``wd`` to every logger; with several parameter groups the names are
+       ``lr/pg0``, ``lr/pg1``, ...; a group whose parameters are all frozen is logged at lr 0 (and wd 0). ``wd`` is
+       not the configured weight decay but the factor the step applied, ``w <- (1 - wd) * w``: ``lr_t * wd_g``
+       (``eta_t * wd_g`` under ``wd_convention="schedule"``, times ``sqrt(1 / total_steps)`` when ``normalized``),
+       0 on a step fp16 skipped; a group without decoupled decay logs no ``wd``. Lightning writes these every
+       ``log_every_n_steps`` steps: a run shorter than that logs none (a warning says so).
 
     The step count is ``trainer.global_step`` (optimizer steps), so gradient accumulation, several devices and
     resuming all follow the same curve. The total is ``trainer.estimated_stepping_batches`` unless given.

@@ -30,9 +30,18 @@ from types import ModuleType
 
 import pytorch_lightning  # noqa: F401  (fails here, naming the package, when it is not installed)
 
-from lightning_adamw.backbones import backbone_layer_groups
-from lightning_adamw.registry import OptimizerConfig, build_optimizer, even_mults, param_groups, register_optimizer
-from lightning_adamw.schedules import Constant, OneCycle, OneCycle2018, OneCycleLM, Phase, Schedule
+import lightning_adamw
+
+# the Lightning-free part of the plugin, shared as it is (exported through __all__ below)
+from lightning_adamw.backbones import backbone_layer_groups  # noqa: F401
+from lightning_adamw.registry import (  # noqa: F401
+    OptimizerConfig,
+    build_optimizer,
+    even_mults,
+    param_groups,
+    register_optimizer,
+)
+from lightning_adamw.schedules import Constant, OneCycle, OneCycle2018, OneCycleLM, Phase, Schedule  # noqa: F401
 
 #: the plugin modules that import Lightning, in dependency order
 PORTED_MODULES = ("decay", "schedulefree", "onecycle", "divergence", "checkpoint", "interrupt", "finetuning")
@@ -66,26 +75,5 @@ RunInterrupted = interrupt.RunInterrupted
 SaveOnInterrupt = interrupt.SaveOnInterrupt
 ScheduleFreeEval = schedulefree.ScheduleFreeEval
 
-__all__ = [
-    "Constant",
-    "DecoupledDecay",
-    "DivergenceError",
-    "DivergenceGuard",
-    "FreezeUnfreeze",
-    "OneCycle",
-    "OneCycle2018",
-    "OneCycleLM",
-    "OneCycleWD",
-    "OptimizerConfig",
-    "Phase",
-    "RunCheckpoint",
-    "RunInterrupted",
-    "SaveOnInterrupt",
-    "Schedule",
-    "ScheduleFreeEval",
-    "backbone_layer_groups",
-    "build_optimizer",
-    "even_mults",
-    "param_groups",
-    "register_optimizer",
-]
+#: the package's public names that exist here, ported or shared (one list of them: ``lightning_adamw.__all__``)
+__all__ = [name for name in lightning_adamw.__all__ if name in globals()]

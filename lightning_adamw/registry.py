@@ -258,13 +258,8 @@ def param_groups(
     layer groups (tied weights) belongs to the first group that holds it.
     """
     groups = _named_layer_groups(params)
-    lrs = [float(lr)] * len(groups) if isinstance(lr, (int, float)) else [float(x) for x in lr]
-    if len(lrs) != len(groups):
-        raise ValueError(f"Got {len(lrs)} learning rates for {len(groups)} layer groups; give one per group.")
-    wds = ([float(weight_decay)] * len(groups) if isinstance(weight_decay, (int, float))
-           else [float(x) for x in weight_decay])
-    if len(wds) != len(groups):
-        raise ValueError(f"Got {len(wds)} weight decays for {len(groups)} layer groups; give one, or one per group.")
+    lrs = _per_group(lr, len(groups), "learning rates")
+    wds = _per_group(weight_decay, len(groups), "weight decays")
     if min(wds) < 0:
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay}.")
     seen: set[int] = set()
@@ -285,6 +280,14 @@ def param_groups(
     if not out:
         raise ValueError("No parameters to optimize: the module or layer groups are empty.")
     return out
+
+
+def _per_group(value: float | Sequence[float], n_groups: int, what: str) -> list[float]:
+    """``value`` for each of ``n_groups`` layer groups: one value for all of them, or one per group."""
+    values = [float(value)] * n_groups if isinstance(value, (int, float)) else [float(x) for x in value]
+    if len(values) != n_groups:
+        raise ValueError(f"Got {len(values)} {what} for {n_groups} layer groups; give one, or one per group.")
+    return values
 
 
 _Bucket = tuple[bool, tuple[tuple[str, Any], ...]]  # (no decay, the split's extra group keys)
@@ -461,6 +464,12 @@ class OptimizerConfig:
                 entry.factory.resolve()
             except ImportError as err:
                 raise ValueError(f"Optimizer {self.name!r}: {err}") from None
+        self._check_lrs()
+        if self.betas is not None and not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"betas must lie in [0, 1), got {self.betas}.")
+
+    def _check_lrs(self) -> None:
+        """``lr``, ``lr_range`` and ``layer_decay`` each set the groups' lrs: valid values, and one way at a time."""
         lrs = [DEFAULT_LR if self.lr is None else self.lr] if not isinstance(self.lr, Sequence) else list(self.lr)
         if not lrs or any(x <= 0 for x in lrs):
             raise ValueError(f"lr must be positive (one value or one per layer group), got {self.lr}.")
@@ -481,8 +490,6 @@ class OptimizerConfig:
                 )
             if self.layer_decay <= 0:
                 raise ValueError(f"layer_decay must be positive (timm uses 0.65-0.9), got {self.layer_decay}.")
-        if self.betas is not None and not all(0.0 <= b < 1.0 for b in self.betas):
-            raise ValueError(f"betas must lie in [0, 1), got {self.betas}.")
 
     def _resolve(self) -> tuple[OptimizerEntry, WdMode]:
         """The registry entry and weight-decay mode, resolved once per ``(name, wd_mode)``."""

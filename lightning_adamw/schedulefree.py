@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import lightning.pytorch as pl
@@ -28,16 +30,6 @@ def _clone(optimizer: Optimizer) -> list[torch.Tensor]:
     return [p.detach().clone() for p in _params(optimizer)]
 
 
-@torch.no_grad()
-def _set_train(optimizer: Optimizer, weights: list[torch.Tensor] | None) -> None:
-    # train() sets the optimizer's own mode flags (whatever it keeps); copying the kept weights afterwards makes the
-    # switch exact, where train() alone undoes eval()'s interpolation only up to rounding
-    optimizer.train()
-    if weights is not None:
-        for p, w in zip(_params(optimizer), weights):
-            p.copy_(w)
-
-
 def _batch_norms(module: nn.Module) -> list[_BatchNorm]:
     return [m for m in module.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
 
@@ -56,34 +48,131 @@ def _copy_into(targets: list[torch.Tensor], values: list[torch.Tensor]) -> None:
 def update_bn(module: nn.Module, batches: Any, strategy: Any = None) -> None:
     """Re-estimate ``module``'s BatchNorm running statistics from ``batches`` at its current weights.
 
-    The statistics are reset and averaged over the batches (``momentum=None``), with the module in training mode, as
-    ``torch.optim.swa_utils.update_bn`` does: ``module(batch[0])`` for a tuple or list batch, ``module(batch)``
-    otherwise. The module's train/eval modes and the BatchNorm momenta are restored afterwards, and the global RNG
-    is forked, so dropout in these passes leaves the run's random stream untouched. With a distributed ``strategy``
-    the statistics are pooled over the ranks (mean of the means and of the second moments).
+    ``torch.optim.swa_utils.update_bn`` re-estimates (statistics reset and averaged over the batches with the module
+    in training mode; ``module(batch[0])`` for a tuple or list batch, ``module(batch)`` otherwise). This wrapper adds
+    what a re-estimation in the middle of a training run needs and torch's lacks: the global RNG is forked, so
+    dropout in these passes leaves the run's random stream untouched; every submodule's train/eval mode is restored
+    (torch's sets the top module's mode on all of them); with a distributed ``strategy`` the statistics are pooled
+    over the ranks (mean of the means and of the second moments).
     """
-    norms = _batch_norms(module)
     modes = [(m, m.training) for m in module.modules()]
-    momenta = [m.momentum for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None
     device = next(iter(module.parameters())).device
-    module.train()
     with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
-        for batch in batches:
-            module(batch[0] if isinstance(batch, (list, tuple)) else batch)
-    for m, momentum in zip(norms, momenta):
-        m.momentum = momentum
+        torch.optim.swa_utils.update_bn(batches, module)
     for m, training in modes:
         m.training = training
     if strategy is not None and getattr(strategy, "world_size", 1) > 1:
-        for m in norms:
+        for m in _batch_norms(module):
             second = m.running_var + m.running_mean * m.running_mean
             pooled = strategy.reduce(torch.cat([m.running_mean, second]), reduce_op="mean")
             mean, second = pooled.split(len(m.running_mean))
             m.running_mean.copy_(mean)
             m.running_var.copy_(second - mean * mean)
+
+
+class WeightSwap:
+    """A schedule-free run's two sets of weights in one module: the training point ``y`` and the average ``x``.
+
+    :meth:`to_eval` keeps ``y`` aside (and, when the BatchNorm statistics are re-estimated at ``x``, the training
+    statistics, which belong to ``y``) and lets the optimizers' ``eval()`` write ``x``; :meth:`to_train` puts the
+    kept tensors back by copying them, where ``train()`` alone undoes ``eval()``'s interpolation only up to
+    rounding. Training weights loaded with :meth:`load_state_dict` wait for the next :meth:`to_train`, when the
+    optimizer state is restored too. The callback sets :attr:`module` and :attr:`optimizers` (the schedule-free
+    ones) before it switches.
+
+    Args:
+        keep_bn: save the module's training BatchNorm statistics in :meth:`state_dict` too.
+    """
+
+    def __init__(self, keep_bn: bool = False) -> None:
+        self.keep_bn = keep_bn
+        self.module: nn.Module | None = None
+        self.optimizers: list[Optimizer] = []
+        # y, one list per optimizer, and the training BatchNorm statistics: kept while the module holds x ...
+        self._weights: list[list[torch.Tensor]] | None = None
+        self._bn: list[torch.Tensor] | None = None
+        # ... or loaded from a checkpoint, put in place at the next to_train
+        self._loaded: list[list[torch.Tensor]] | None = None
+        self._loaded_bn: list[torch.Tensor] | None = None
+
+    @property
+    def holds_average(self) -> bool:
+        """Whether the module holds ``x`` (``y`` kept aside)."""
+        return self._weights is not None
+
+    @torch.no_grad()
+    def to_train(self) -> None:
+        """Put ``y`` (kept or loaded) and its BatchNorm statistics into the module, the optimizers in training mode."""
+        weights = self._loaded if self._loaded is not None else self._weights
+        if weights is not None and [len(w) for w in weights] != [len(_params(o)) for o in self.optimizers]:
+            raise MisconfigurationException(
+                f"The checkpoint's ScheduleFreeEval state holds training weights for {len(weights)} optimizer(s) "
+                f"with {[len(w) for w in weights]} parameters, but configure_optimizers now returns "
+                f"{len(self.optimizers)} schedule-free optimizer(s) with {[len(_params(o)) for o in self.optimizers]}. "
+                "Resume with the model and optimizers the checkpoint was written with."
+            )
+        for i, optimizer in enumerate(self.optimizers):
+            optimizer.train()  # sets the optimizer's own mode flags, whatever it keeps
+            if weights is not None:
+                _copy_into(_params(optimizer), weights[i])
+        statistics = self._loaded_bn if self._loaded_bn is not None else self._bn
+        if statistics is not None:
+            _copy_into(_bn_buffers(self.module), statistics)
+        self._weights = self._loaded = self._bn = self._loaded_bn = None
+
+    def to_eval(self, update_bn: Callable[[], bool] | None = None) -> None:
+        """Put ``x`` into the module, keeping ``y`` aside; a no-op while it holds ``x`` already.
+
+        Args:
+            update_bn: called with ``x`` in the module to re-estimate its BatchNorm statistics; returns whether it
+                did (the training statistics are then kept, to be put back by :meth:`to_train`).
+        """
+        if self._loaded is not None:
+            self.to_train()  # a resumed run validating before training starts: x from the exact y
+        if self.holds_average:
+            return
+        self._weights = [_clone(o) for o in self.optimizers]
+        for optimizer in self.optimizers:
+            optimizer.eval()
+        if update_bn is not None and self.optimizers and _batch_norms(self.module):
+            previous = [b.clone() for b in _bn_buffers(self.module)]
+            self._bn = previous if update_bn() else None
+
+    def write_average(self, state: dict[str, torch.Tensor], update_bn: Callable[[], bool] | None = None) -> None:
+        """Write ``x`` (and its BatchNorm statistics) into a module ``state`` dict, computed on the side: the module
+        gets ``y`` and its training statistics back exactly."""
+        self.to_eval(update_bn)
+        averaged = {id(p): p.detach().clone() for o in self.optimizers for p in _params(o)}
+        statistics = {id(b): b.clone() for b in _bn_buffers(self.module)} if self._bn is not None else {}
+        self.to_train()
+        for name, p in self.module.named_parameters(remove_duplicate=False):
+            if id(p) in averaged and name in state:
+                state[name] = averaged[id(p)]
+        for name, b in self.module.named_buffers(remove_duplicate=False):
+            if id(b) in statistics and name in state:
+                state[name] = statistics[id(b)]
+
+    def forget_kept(self) -> None:
+        """Drop the kept ``y``: the module's weights were just loaded from a checkpoint."""
+        self._weights = self._bn = None
+
+    def forget_loaded(self) -> None:
+        """Drop loaded training weights: evaluating a checkpoint, whose module state holds ``x``."""
+        self._loaded = self._loaded_bn = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """``y`` (and with ``keep_bn`` the training BatchNorm statistics), wherever the module is now."""
+        if not self.optimizers:
+            return {}
+        weights = self._weights if self._weights is not None else [_clone(o) for o in self.optimizers]
+        state: dict[str, Any] = {"train_weights": weights}
+        if self.keep_bn and self.module is not None and _batch_norms(self.module):
+            state["train_bn"] = self._bn if self._bn is not None else [b.clone() for b in _bn_buffers(self.module)]
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._loaded = state_dict.get("train_weights")
+        self._loaded_bn = state_dict.get("train_bn")
 
 
 def _step_lr(group: dict[str, Any]) -> float:
@@ -130,7 +219,7 @@ class ScheduleFreeEval(Callback):
     Sharded strategies (FSDP, DeepSpeed) are refused. Weights-only checkpoints hold ``y``: Lightning does not call
     callbacks when it saves weights only. With ``bn_batches``, a switch to ``x`` before any training batch keeps
     the training BatchNorm statistics: quietly for sanity checks (their metrics are discarded), with a warning
-    otherwise.
+    otherwise. The hooks decide when to switch; a :class:`WeightSwap` switches and keeps what it swapped out.
 
     Example::
 
@@ -149,92 +238,11 @@ class ScheduleFreeEval(Callback):
         self.warmup = warmup
         self.bn_batches = bn_batches
         self.log_values = log_values
+        self._swap = WeightSwap(keep_bn=bn_batches > 0)
         self._recent: deque[Any] = deque(maxlen=bn_batches or None)
-        # the training BatchNorm statistics, kept aside while the module holds x's (or restored from a checkpoint)
-        self._train_bn: list[torch.Tensor] | None = None
-        self._restored_bn: list[torch.Tensor] | None = None
-        self._module: nn.Module | None = None
         self._x_bn: tuple[int, list[torch.Tensor]] | None = None  # (global step, statistics at x) of the last estimate
         self._warned_no_batches = False
-        self._optimizers: list[Optimizer] = []
-        # exact training weights, one list per schedule-free optimizer: kept while the module holds x ...
-        self._train_weights: list[list[torch.Tensor]] | None = None
-        # ... or loaded from a checkpoint, put in place once the optimizer state is restored too (train start)
-        self._restored: list[list[torch.Tensor]] | None = None
         self._writes_checkpoints = True
-
-    # ---------------------------------------------------------------- switching
-    def _schedule_free(self, trainer: pl.Trainer) -> list[Optimizer]:
-        self._optimizers = [unwrap_optimizer(o) for o in trainer.optimizers if is_schedule_free(o)]
-        return self._optimizers
-
-    def _to_train(self, trainer: pl.Trainer) -> None:
-        optimizers = self._schedule_free(trainer)
-        weights = self._restored if self._restored is not None else self._train_weights
-        if weights is not None and [len(w) for w in weights] != [len(_params(o)) for o in optimizers]:
-            raise MisconfigurationException(
-                f"The checkpoint's ScheduleFreeEval state holds training weights for {len(weights)} optimizer(s) "
-                f"with {[len(w) for w in weights]} parameters, but configure_optimizers now returns "
-                f"{len(optimizers)} schedule-free optimizer(s) with {[len(_params(o)) for o in optimizers]}. "
-                "Resume with the model and optimizers the checkpoint was written with."
-            )
-        for i, optimizer in enumerate(optimizers):
-            _set_train(optimizer, None if weights is None else weights[i])
-        self._train_weights = self._restored = None
-        statistics = self._restored_bn if self._restored_bn is not None else self._train_bn
-        if statistics is not None:
-            _copy_into(_bn_buffers(trainer.lightning_module), statistics)
-        self._train_bn = self._restored_bn = None
-
-    def _to_eval(self, trainer: pl.Trainer) -> None:
-        if self._restored is not None:
-            self._to_train(trainer)  # a resumed run validating before training starts: x from the exact y
-        if self._train_weights is not None:
-            return
-        optimizers = self._schedule_free(trainer)
-        self._train_weights = [_clone(o) for o in optimizers]
-        for optimizer in optimizers:
-            optimizer.eval()
-        self._train_bn = self._reestimate_bn(trainer) if optimizers else None
-
-    def _reestimate_bn(self, trainer: pl.Trainer) -> list[torch.Tensor] | None:
-        """BatchNorm statistics for the weights now in the module; returns the ones they replace (``None``: kept)."""
-        module = trainer.lightning_module
-        if not self.bn_batches or not _batch_norms(module):
-            return None
-        if not self._recent:  # the sanity check of a fresh run has no batches yet, and its metrics are discarded
-            if not self._warned_no_batches and not trainer.sanity_checking:
-                self._warned_no_batches = True
-                rank_zero_warn(
-                    "ScheduleFreeEval(bn_batches=...) switches to the averaged weights before any training batch "
-                    "was seen (a resumed fit with nothing left to train?): they keep the training BatchNorm "
-                    "statistics. Evaluate after some training, or re-estimate with "
-                    "lightning_adamw.schedulefree.update_bn(module, batches)."
-                )
-            return None
-        buffers = _bn_buffers(module)
-        previous = [b.clone() for b in buffers]
-        if self._x_bn is not None and self._x_bn[0] == trainer.global_step:
-            _copy_into(buffers, self._x_bn[1])  # x has not moved since the last estimate (a save after validating)
-        else:
-            update_bn(module, self._recent, trainer.strategy)
-            self._x_bn = (trainer.global_step, [b.clone() for b in buffers])
-        return previous
-
-    def _bn_collective(self, trainer: pl.Trainer) -> bool:
-        # pooling BatchNorm statistics over ranks is a collective: then every rank computes x for a checkpoint
-        return bool(self.bn_batches and self._recent and trainer.world_size > 1
-                    and _batch_norms(trainer.lightning_module))
-
-    def _eval_weights(self, trainer: pl.Trainer) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
-        """``x`` of every parameter and, with ``bn_batches``, the BatchNorm statistics at ``x`` (by ``id``),
-        computed on the side: the module gets ``y`` and its training statistics back exactly."""
-        self._to_eval(trainer)
-        averaged = {id(p): p.detach().clone() for o in self._optimizers for p in _params(o)}
-        statistics = ({id(b): b.clone() for b in _bn_buffers(trainer.lightning_module)}
-                      if self._train_bn is not None else {})
-        self._to_train(trainer)
-        return averaged, statistics
 
     # ---------------------------------------------------------------- hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -244,7 +252,7 @@ class ScheduleFreeEval(Callback):
                 "shards them. Use strategy='ddp' (or a single device), or drop ScheduleFreeEval and call the "
                 "optimizer's train()/eval() yourself."
             )
-        self._module, self._x_bn = pl_module, None
+        self._swap.module, self._x_bn = pl_module, None
         # Strategy.save_checkpoint writes on global rank 0 only: the other ranks need not compute what it saves
         self._writes_checkpoints = trainer.is_global_zero or (
             type(trainer.strategy).save_checkpoint is not Strategy.save_checkpoint
@@ -273,23 +281,6 @@ class ScheduleFreeEval(Callback):
         if self.warmup is not None:
             self._set_warmup(trainer)
 
-    def _set_warmup(self, trainer: pl.Trainer) -> None:
-        total = trainer.estimated_stepping_batches
-        if total == float("inf"):
-            raise MisconfigurationException(
-                "ScheduleFreeEval(warmup=...) is a fraction of the run, which has no end: set Trainer(max_epochs=...) "
-                "or max_steps, or give the optimizer warmup_steps and drop warmup."
-            )
-        steps = round(self.warmup * int(total))
-        for optimizer in self._optimizers:
-            if not all("warmup_steps" in group for group in optimizer.param_groups):
-                raise MisconfigurationException(
-                    f"ScheduleFreeEval(warmup={self.warmup}) sets the groups' warmup_steps, but "
-                    f"{type(optimizer).__name__} has none: drop warmup and warm it up as that optimizer documents."
-                )
-            for group in optimizer.param_groups:
-                group["warmup_steps"] = steps
-
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._to_train(trainer)
 
@@ -298,15 +289,14 @@ class ScheduleFreeEval(Callback):
     ) -> None:
         if self.bn_batches:
             self._recent.append(batch)
-        if not self.log_values or not self._optimizers:
-            return
-        groups = [g for o in self._optimizers for g in o.param_groups]
-        for i, group in enumerate(groups):
-            pl_module.log(group_metric_name("lr", i, len(groups)), _step_lr(group), on_step=True, on_epoch=False)
+        if self.log_values:
+            groups = [g for o in self._swap.optimizers for g in o.param_groups]
+            for i, group in enumerate(groups):
+                pl_module.log(group_metric_name("lr", i, len(groups)), _step_lr(group), on_step=True, on_epoch=False)
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.state.fn != TrainerFn.FITTING:
-            self._restored = self._restored_bn = None  # trainer.validate(ckpt_path=...): the module holds its x
+            self._swap.forget_loaded()  # trainer.validate(ckpt_path=...): the module holds its x
         self._to_eval(trainer)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -314,11 +304,11 @@ class ScheduleFreeEval(Callback):
             self._to_train(trainer)
 
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._restored = self._restored_bn = None
+        self._swap.forget_loaded()
         self._to_eval(trainer)
 
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._restored = self._restored_bn = None
+        self._swap.forget_loaded()
         self._to_eval(trainer)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -329,35 +319,80 @@ class ScheduleFreeEval(Callback):
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        if self._train_weights is not None:
+        if self._swap.holds_average:
             return  # the module holds x already (evaluating, or fit has ended)
-        if not self._writes_checkpoints and not self._bn_collective(trainer):
-            return  # this rank writes nothing
-        averaged, statistics = self._eval_weights(trainer)
-        state = checkpoint["state_dict"]
-        for name, p in pl_module.named_parameters(remove_duplicate=False):
-            if id(p) in averaged and name in state:
-                state[name] = averaged[id(p)]
-        for name, b in pl_module.named_buffers(remove_duplicate=False):
-            if id(b) in statistics and name in state:
-                state[name] = statistics[id(b)]
+        if self._writes_checkpoints or self._bn_collective(trainer):  # else this rank writes nothing
+            self._schedule_free(trainer)
+            self._swap.write_average(checkpoint["state_dict"], self._bn_update(trainer))
 
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         # Lightning has just loaded the module weights: what was kept aside is stale
-        self._train_weights = self._train_bn = self._x_bn = None
+        self._swap.forget_kept()
+        self._x_bn = None
 
     def state_dict(self) -> dict[str, Any]:
-        if not self._writes_checkpoints or not self._optimizers:
-            return {}
-        weights = self._train_weights if self._train_weights is not None else [_clone(o) for o in self._optimizers]
-        state: dict[str, Any] = {"train_weights": weights}
-        if self.bn_batches and self._module is not None and _batch_norms(self._module):
-            state["train_bn"] = (self._train_bn if self._train_bn is not None
-                                 else [b.clone() for b in _bn_buffers(self._module)])
-        return state
+        return self._swap.state_dict() if self._writes_checkpoints else {}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._restored = state_dict.get("train_weights")
-        self._restored_bn = state_dict.get("train_bn")
+        self._swap.load_state_dict(state_dict)
+
+    # ---------------------------------------------------------------- helpers
+    def _schedule_free(self, trainer: pl.Trainer) -> list[Optimizer]:
+        self._swap.optimizers = [unwrap_optimizer(o) for o in trainer.optimizers if is_schedule_free(o)]
+        return self._swap.optimizers
+
+    def _to_train(self, trainer: pl.Trainer) -> None:
+        self._schedule_free(trainer)
+        self._swap.to_train()
+
+    def _to_eval(self, trainer: pl.Trainer) -> None:
+        self._schedule_free(trainer)
+        self._swap.to_eval(self._bn_update(trainer))
+
+    def _bn_update(self, trainer: pl.Trainer) -> Callable[[], bool] | None:
+        return partial(self._update_bn, trainer) if self.bn_batches else None
+
+    def _update_bn(self, trainer: pl.Trainer) -> bool:
+        """Re-estimate the BatchNorm statistics for the weights now in the module; ``False``: kept (no batches)."""
+        module = trainer.lightning_module
+        if not self._recent:  # the sanity check of a fresh run has no batches yet, and its metrics are discarded
+            if not self._warned_no_batches and not trainer.sanity_checking:
+                self._warned_no_batches = True
+                rank_zero_warn(
+                    "ScheduleFreeEval(bn_batches=...) switches to the averaged weights before any training batch "
+                    "was seen (a resumed fit with nothing left to train?): they keep the training BatchNorm "
+                    "statistics. Evaluate after some training, or re-estimate with "
+                    "lightning_adamw.schedulefree.update_bn(module, batches)."
+                )
+            return False
+        buffers = _bn_buffers(module)
+        if self._x_bn is not None and self._x_bn[0] == trainer.global_step:
+            _copy_into(buffers, self._x_bn[1])  # x has not moved since the last estimate (a save after validating)
+        else:
+            update_bn(module, self._recent, trainer.strategy)
+            self._x_bn = (trainer.global_step, [b.clone() for b in buffers])
+        return True
+
+    def _bn_collective(self, trainer: pl.Trainer) -> bool:
+        # pooling BatchNorm statistics over ranks is a collective: then every rank computes x for a checkpoint
+        return bool(self.bn_batches and self._recent and trainer.world_size > 1
+                    and _batch_norms(trainer.lightning_module))
+
+    def _set_warmup(self, trainer: pl.Trainer) -> None:
+        total = trainer.estimated_stepping_batches
+        if total == float("inf"):
+            raise MisconfigurationException(
+                "ScheduleFreeEval(warmup=...) is a fraction of the run, which has no end: set Trainer(max_epochs=...) "
+                "or max_steps, or give the optimizer warmup_steps and drop warmup."
+            )
+        steps = round(self.warmup * int(total))
+        for optimizer in self._swap.optimizers:
+            if not all("warmup_steps" in group for group in optimizer.param_groups):
+                raise MisconfigurationException(
+                    f"ScheduleFreeEval(warmup={self.warmup}) sets the groups' warmup_steps, but "
+                    f"{type(optimizer).__name__} has none: drop warmup and warm it up as that optimizer documents."
+                )
+            for group in optimizer.param_groups:
+                group["warmup_steps"] = steps

@@ -23,24 +23,25 @@ class NeuralCache:
 
     Args:
         theta: the flatness of the cache distribution (scale of the dot products).
-        lambdah: the weight of the cache in the mixture (``lambda`` in the paper).
+        lambda_: the weight of the cache in the mixture, the paper's ``lambda`` (``lambda`` is a Python keyword;
+            :class:`~models.language_model.LanguageModel` takes it as ``cache_lambda``, like ``cache_theta``).
         window: how many past positions each stream keeps.
 
     Example::
 
-        cache = NeuralCache(theta=0.662, lambdah=0.1279, window=3785)
+        cache = NeuralCache(theta=0.662, lambda_=0.1279, window=3785)
         for hidden, p_target, targets in windows:      # (time, batch, dim), (time, batch), (time, batch)
             p = cache(hidden, p_target, targets)        # mixed probability of each target
     """
 
-    def __init__(self, theta: float, lambdah: float, window: int) -> None:
+    def __init__(self, theta: float, lambda_: float, window: int) -> None:
         if theta <= 0:
             raise ValueError(f"NeuralCache theta must be positive, got {theta}.")
-        if not 0.0 <= lambdah <= 1.0:
-            raise ValueError(f"NeuralCache lambdah (the cache's mixture weight) must lie in [0, 1], got {lambdah}.")
+        if not 0.0 <= lambda_ <= 1.0:
+            raise ValueError(f"NeuralCache lambda_ (the cache's mixture weight) must lie in [0, 1], got {lambda_}.")
         if window < 1:
             raise ValueError(f"NeuralCache window must be a positive number of positions, got {window}.")
-        self.theta, self.lambdah, self.window = theta, lambdah, window
+        self.theta, self.lambda_, self.window = theta, lambda_, window
         self.keys: Tensor | None = None
         self.values: Tensor | None = None
 
@@ -73,6 +74,6 @@ class NeuralCache:
         attention = torch.softmax(scores.masked_fill(~valid, float("-inf")), dim=-1)
         same_word = values.t().unsqueeze(1) == targets.t().unsqueeze(2)  # (batch, time, entries)
         p_cache = (attention * same_word).sum(-1).t()  # (time, batch)
-        mixed = (1 - self.lambdah) * p_vocab + self.lambdah * p_cache
+        mixed = (1 - self.lambda_) * p_vocab + self.lambda_ * p_cache
         self.keys, self.values = keys[-self.window:], values[-self.window:]
         return torch.where(has_cache.unsqueeze(1), mixed, p_vocab)

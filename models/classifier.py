@@ -124,7 +124,7 @@ class ImageClassifier(LightningModule):
         # it can be tested with it (LightningCLI lets a checkpoint's hyperparameters override the command line)
         self.save_hyperparameters(ignore=["net", "tta", "tta_passes", "tta_mode"])
         self.net = net
-        self.optimizer = optimizer if optimizer is not None else OptimizerConfig("adam", lr=1e-3)
+        self.optimizer_config = optimizer if optimizer is not None else OptimizerConfig("adam", lr=1e-3)
         self.label_smoothing = label_smoothing
         self.tta = tta
         self.tta_passes = tta_passes
@@ -154,7 +154,7 @@ class ImageClassifier(LightningModule):
 
     def configure_optimizers(self) -> Optimizer:
         # only the optimizer: the schedule and decoupled weight decay are the OneCycleWD callback's
-        return self.optimizer.build(self.layer_groups())
+        return self.optimizer_config.build(self.layer_groups())
 
     def setup(self, stage: str) -> None:
         if self.tta and self.tta_mode == "augment" and stage in ("fit", "validate", "test"):

@@ -91,7 +91,7 @@ class LanguageModel(LightningModule):
         # --model.init_args.cache_pointer true` would otherwise be ignored)
         self.save_hyperparameters(ignore=["cache_pointer", "cache_theta", "cache_lambda", "cache_window"])
         self.network_factory = network
-        self.optimizer = optimizer or OptimizerConfig()
+        self.optimizer_config = optimizer or OptimizerConfig()
         self.ar_alpha, self.tar_beta = ar_alpha, tar_beta
         self.ar_on = ar_on
         self.scale_lr_by_seq_len = scale_lr_by_seq_len
@@ -154,7 +154,7 @@ class LanguageModel(LightningModule):
         return self.net
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return self.optimizer.build(self)
+        return self.optimizer_config.build(self)
 
     # ------------------------------------------------------------------ steps
     def forward(self, tokens: Tensor, hidden: list[Any] | None = None) -> tuple[Tensor, list[Any]]:

@@ -10,7 +10,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from _tiny import TinyCLIModel
+from _tiny import TinyCLIModel, three_group_net
 from torch import nn
 
 from lightning_adamw import OptimizerConfig
@@ -63,12 +63,7 @@ class ThreeGroupModel(ScoredModel):
 
     def __init__(self, optimizer: OptimizerConfig | None = None, scores: list[float] | None = None) -> None:
         super().__init__(optimizer, scores)
-        torch.manual_seed(0)
-        self.net = nn.Sequential(
-            nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.Tanh()),
-            nn.Sequential(nn.Linear(16, 16), nn.Tanh()),
-            nn.Linear(16, 1),
-        ).double()
+        self.net = three_group_net()
 
     def layer_groups(self) -> list[nn.Module]:
         return list(self.net)

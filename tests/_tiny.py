@@ -31,6 +31,16 @@ def make_net(seed: int = 0, norm: bool = False) -> nn.Sequential:
     return nn.Sequential(*layers).double()
 
 
+def three_group_net(seed: int = 0) -> nn.Sequential:
+    """Linear+BatchNorm, Linear, head: three layer groups, as the Cars ResNet-50's (body, body, head)."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.Tanh()),
+        nn.Sequential(nn.Linear(16, 16), nn.Tanh()),
+        nn.Linear(16, 1),
+    ).double()
+
+
 def loader(batch_size: int = 8, n: int = 64) -> DataLoader:
     return DataLoader(regression_data(n), batch_size=batch_size, shuffle=False)
 

@@ -19,7 +19,7 @@ class TinyPLModel(pl.LightningModule):
     def __init__(self, optimizer: OptimizerConfig | None = None, seed: int = 0) -> None:
         super().__init__()
         self.net = make_net(seed)
-        self.optimizer = optimizer or OptimizerConfig("adam")
+        self.optimizer_config = optimizer or OptimizerConfig("adam")
 
     def layer_groups(self) -> list[nn.Module]:
         return [self.net[:-1], self.net[-1:]]
@@ -31,7 +31,7 @@ class TinyPLModel(pl.LightningModule):
         return loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return self.optimizer.build(self.layer_groups())
+        return self.optimizer_config.build(self.layer_groups())
 
 
 class TinyPLData(pl.LightningDataModule):

@@ -14,7 +14,7 @@ from models.cache_pointer import NeuralCache
 
 
 def cache_by_formula(
-    hidden: torch.Tensor, p_vocab: torch.Tensor, targets: torch.Tensor, theta: float, lambdah: float, window: int
+    hidden: torch.Tensor, p_vocab: torch.Tensor, targets: torch.Tensor, theta: float, lambda_: float, window: int
 ) -> torch.Tensor:
     """For every stream and position t, over the whole vocabulary:
     ``p_cache(w) = sum_{i in [t - window, t), x_{i+1} = w} softmax_i(theta h_i . h_t)``,
@@ -33,7 +33,7 @@ def cache_by_formula(
                 for weight, i in zip(weights, past):
                     p_cache[targets[i, b]] += weight
                 assert math.isclose(p_cache.sum().item(), 1.0, rel_tol=1e-9)
-                p = (1 - lambdah) * p + lambdah * p_cache
+                p = (1 - lambda_) * p + lambda_ * p_cache
             out[t, b] = p[targets[t, b]]
     return out
 
@@ -45,9 +45,9 @@ def test_vectorised_cache_equals_the_formula(window: int, chunk: int) -> None:
     hidden = torch.randn(steps, batch, dim, generator=g, dtype=torch.float64)
     p_vocab = torch.softmax(torch.randn(steps, batch, vocab, generator=g, dtype=torch.float64), -1)
     targets = torch.randint(0, vocab, (steps, batch), generator=g)
-    theta, lambdah = 0.662, 0.1279
-    expected = cache_by_formula(hidden, p_vocab, targets, theta, lambdah, window)
-    cache = NeuralCache(theta, lambdah, window)
+    theta, lambda_ = 0.662, 0.1279
+    expected = cache_by_formula(hidden, p_vocab, targets, theta, lambda_, window)
+    cache = NeuralCache(theta, lambda_, window)
     p_target = p_vocab.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     got = torch.cat([
         cache(hidden[s:s + chunk], p_target[s:s + chunk], targets[s:s + chunk]) for s in range(0, steps, chunk)
@@ -63,7 +63,7 @@ def test_cache_helps_on_repeated_words_and_lambda_zero_is_the_model() -> None:
     hidden = torch.randn(20, 1, 8, generator=g)
     targets = torch.tensor([3, 7] * 10).unsqueeze(1)  # a text that repeats itself
     p_vocab = torch.full((20, 1), 0.01)
-    mixed = NeuralCache(theta=1.0, lambdah=0.5, window=10)(hidden, p_vocab, targets)
+    mixed = NeuralCache(theta=1.0, lambda_=0.5, window=10)(hidden, p_vocab, targets)
     assert mixed[0] == p_vocab[0] and torch.all(mixed[2:] > p_vocab[2:])
     torch.testing.assert_close(NeuralCache(1.0, 0.0, 10)(hidden, p_vocab, targets), p_vocab)
 
@@ -71,7 +71,7 @@ def test_cache_helps_on_repeated_words_and_lambda_zero_is_the_model() -> None:
 def test_bad_arguments_are_rejected() -> None:
     with pytest.raises(ValueError, match="theta must be positive"):
         NeuralCache(0.0, 0.1, 10)
-    with pytest.raises(ValueError, match=r"lambdah .* must lie in \[0, 1\]"):
+    with pytest.raises(ValueError, match=r"lambda_ .* must lie in \[0, 1\]"):
         NeuralCache(0.5, 1.5, 10)
     with pytest.raises(ValueError, match="window must be a positive"):
         NeuralCache(0.5, 0.1, 0)

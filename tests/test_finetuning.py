@@ -8,7 +8,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from _tiny import Recorder, TinyRegression, loader, trainer
+from _tiny import Recorder, TinyRegression, loader, three_group_net, trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.demos.boring_classes import BoringModel
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -25,12 +25,7 @@ class ThreeGroups(TinyRegression):
 
     def __init__(self, seed: int = 0) -> None:
         super().__init__(OptimizerConfig("adamw", lr=HEAD_LR, weight_decay=0.1), seed=seed)
-        torch.manual_seed(seed)
-        self.net = nn.Sequential(
-            nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.Tanh()),
-            nn.Sequential(nn.Linear(16, 16), nn.Tanh()),
-            nn.Linear(16, 1),
-        ).double()
+        self.net = three_group_net(seed)
 
     def layer_groups(self) -> list[nn.Module]:
         return list(self.net)

@@ -134,5 +134,5 @@ def test_every_variant_trains_on_the_shared_data(name: str, shared_data: Path, t
     target.write_text(yaml.safe_dump(deep_merge(base, LM_VARIANTS["variants"][name] or {})))
     cli = main(["fit", f"--config={target}", *shared_data_args(shared_data, tmp_path), "--trainer.fast_dev_run=1"])
     wanted = (LM_VARIANTS["variants"][name] or {}).get("model", {}).get("init_args", {}).get("optimizer", {})
-    assert cli.model.optimizer.name == wanted.get("name", base["model"]["init_args"]["optimizer"]["name"])
+    assert cli.model.optimizer_config.name == wanted.get("name", base["model"]["init_args"]["optimizer"]["name"])
     assert cli.trainer.global_step == 1 and math.isfinite(cli.trainer.callback_metrics["val/ppl"])

@@ -88,7 +88,7 @@ def test_lightningcli_yaml_recipe(package: str, tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump(config))
     cli = cli_class(args=["fit", "--config", str(path)])
     assert cli.trainer.global_step == 30 * STEPS_PER_EPOCH
-    optimizer = cli.model.optimizer_factory if package == "lightning" else cli.model.optimizer
+    optimizer = cli.model.optimizer_factory if package == "lightning" else cli.model.optimizer_config
     assert optimizer.name == "adamw" and optimizer.betas == (0.95, 0.99)
     lrs = logged(tmp_path / "tb" / "run", "lr/pg0")
     assert sorted(lrs) == list(range(9, 30 * STEPS_PER_EPOCH, 10))

@@ -18,7 +18,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
 from lightning_adamw import OptimizerConfig, ScheduleFreeEval
-from lightning_adamw.schedulefree import update_bn
+from lightning_adamw.schedulefree import WeightSwap, update_bn
 
 CONFIG = OptimizerConfig("schedulefree_adamw", lr=1e-2, weight_decay=1e-3)
 
@@ -521,3 +521,33 @@ def test_update_bn_matches_torch_and_leaves_modes_momenta_and_rng_alone() -> Non
     for a, b in zip(net[2].buffers(), oracle[2].buffers()):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
     assert net[2].num_batches_tracked == 3
+
+
+def test_weight_swap_puts_x_in_and_y_back_exactly_and_saves_y() -> None:
+    """WeightSwap without a trainer: to_eval gives eval()'s x (oracle: a deep copy), to_train the bitwise y, and a
+    loaded state_dict's y is what the next to_train puts back."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+    optimizer = CONFIG.build(net)
+    for _ in range(5):
+        optimizer.zero_grad()
+        net(torch.randn(8, 3, dtype=torch.float64)).pow(2).mean().backward()
+        optimizer.step()
+    y, x = flat(net.parameters()).clone(), eval_of_copy(net, optimizer)
+    assert not torch.allclose(x, y)
+    swap = WeightSwap()
+    swap.module, swap.optimizers = net, [optimizer]
+    swap.to_eval()
+    assert swap.holds_average and modes(optimizer) == [False]
+    torch.testing.assert_close(flat(net.parameters()), x, rtol=0, atol=0)
+    saved = copy.deepcopy(swap.state_dict())
+    swap.to_eval()  # a second switch keeps the first y
+    swap.to_train()
+    assert not swap.holds_average and modes(optimizer) == [True]
+    assert torch.equal(flat(net.parameters()), y)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.zero_()
+    swap.load_state_dict(saved)
+    swap.to_train()
+    assert torch.equal(flat(net.parameters()), y)

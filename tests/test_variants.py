@@ -74,7 +74,7 @@ def test_cifar_variant_trains_on_real_data(name: str, shared_data: Path, tmp_pat
     target.write_text(yaml.safe_dump(merged))
     cli = main(["fit", "--config", str(target), *cifar_overrides(shared_data, tmp_path)])
     optimizer = cli.trainer.optimizers[0]
-    entry = get_optimizer_entry(cli.model.optimizer.name)
+    entry = get_optimizer_entry(cli.model.optimizer_config.name)
     factory = entry.factory.resolve() if hasattr(entry.factory, "resolve") else entry.factory
     assert isinstance(optimizer, factory)
     owner = ScheduleFreeEval if name.startswith("schedulefree") else OneCycleWD

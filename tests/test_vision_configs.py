@@ -178,7 +178,7 @@ def test_readme_variant_overrides_run(command: list[str], shared_data: Path, tmp
             expected.update(json.loads(command[i + 1]))
         elif arg.startswith("--model.init_args.optimizer."):
             expected[arg.rsplit(".", 1)[1]] = command[i + 1]
-    chosen = cli.model.optimizer
+    chosen = cli.model.optimizer_config
     assert (chosen.name, chosen.wd_mode, chosen.weight_decay) == (expected["name"], expected["wd_mode"],
                                                                   expected["weight_decay"])
     optimizer = cli.trainer.optimizers[0]
