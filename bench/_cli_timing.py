@@ -15,7 +15,10 @@ from typing import Any
 import lightning.pytorch as pl
 import yaml
 
-from lightning_adamw.cli import main
+from lightning_adamw.cli import import_zoo, main
+
+# the whole zoo, so the configs' short class names (ImageClassifier, AirbenchNet) resolve from any directory
+import_zoo(Path(__file__).resolve().parents[1])
 
 
 class TrainTime(pl.Callback):
