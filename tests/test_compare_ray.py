@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -49,3 +53,34 @@ def test_ray_grid_equals_the_local_launcher(local_ray: None, tmp_path: Path, mon
     again = main([*args, "--out", str(tmp_path / "ray_out")])
     assert capsys.readouterr().out.count("done earlier: skipped") == 4
     assert again["summary"] == on_ray["summary"]
+
+
+def test_a_killed_ray_trial_resumes_when_the_command_is_repeated(tmp_path: Path) -> None:
+    """A trial's training process gets SIGTERM mid-run (a preempted node): the grid stops with the message, the
+    repeated command skips the finished run and resumes the killed one from its last.ckpt, under Ray again."""
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(BASE))
+    (tmp_path / "variants_tiny.yaml").write_text(yaml.safe_dump(VARIANTS))
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "lightning_adamw", "compare", "--config", str(tmp_path / "tiny.yaml"),
+            "--variants", "adamw", "--seeds", "2", "--out", str(out), "--no_evaluate", "--trainer.max_epochs", "10",
+            "--launcher", "ray", "--cpus_per_run", "1"]
+    env = {**os.environ, "PYTHONPATH": str(TESTS), "RAY_DEDUP_LOGS": "0"}
+    runner = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    killed = False
+    for line in runner.stdout:
+        if not killed and "adamw seed 1] epoch 3/10" in line:
+            config = str(out / "adamw" / "seed1" / "config.yaml")
+            subprocess.run(["pkill", "-TERM", "-f", f"lightning_adamw fit --config {config}"], check=True)
+            killed = True
+    runner.wait(timeout=300)
+    assert killed and runner.returncode != 0
+    assert (out / "adamw" / "seed1" / "checkpoints" / "last.ckpt").exists()
+    assert not (out / "adamw" / "seed1" / "result.json").exists()
+
+    resumed = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "adamw seed 0] done earlier: skipped" in resumed.stdout
+    assert "adamw seed 1] resuming from" in resumed.stdout + resumed.stderr
+    run = json.loads((out / "adamw" / "seed1" / "result.json").read_text())
+    steps = [s for s, _ in run["schedule"]["lr"]]
+    assert len(run["history"]) == 10 and steps == sorted(set(steps)) and steps[-1] == 10 * 8 - 1
