@@ -20,11 +20,12 @@ FILES = sorted((ROOT / "configs" / "variants").glob("*.yaml"))
 
 
 def _cases(path: Path) -> list[str]:
-    names = list(yaml.safe_load(path.read_text())["variants"])
-    if "base" not in yaml.safe_load(path.read_text()):
-        return names
+    spec = yaml.safe_load(path.read_text())
+    if "base" not in spec:
+        return list(spec["variants"])
     # a tuning grid (base: config): one point per optimizer family, the others differ only in lr and wd values
-    return [n for i, n in enumerate(names) if n.split("_lr")[0] not in {m.split("_lr")[0] for m in names[:i]}]
+    families = {name.split("_lr")[0]: name for name in reversed(list(spec["variants"]))}
+    return sorted(families.values(), key=list(spec["variants"]).index)
 
 
 CASES = [(f, name) for f in FILES for name in _cases(f)]
