@@ -24,6 +24,7 @@ checkpoint); if it has ``set_epoch(epoch)``, it is called at the start of every 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Literal
 
@@ -81,6 +82,10 @@ class ImageClassifier(LightningModule):
         tta_passes: augmented passes besides the clean one, for ``tta_mode="augment"`` (``None``: 4, RECIPES.md).
         channels_last: keep the network's weights and its inputs in channels-last memory format (faster convolutions
             on CPUs with oneDNN and on tensor-core GPUs).
+        tta_last_epochs: with ``tta``, the validations during ``fit`` compute TTA only in the last this many training
+            epochs (``None``: at every validation). TTA costs several forward passes, while a 1cycle run reaches its
+            accuracy at the end: per-epoch curves stay cheap and the final epochs still log ``val/acc_tta``.
+            ``trainer.validate`` and ``test`` always use TTA.
 
     A checkpoint holds the network's weights but not its constructor arguments: resume through the CLI with the same
     config, or ``ImageClassifier.load_from_checkpoint(path, net=WideResNet(...))``. The TTA switch is not saved with
@@ -100,6 +105,7 @@ class ImageClassifier(LightningModule):
         tta_passes: int | None = None,
         tta_mode: TtaMode = "augment",
         channels_last: bool = False,
+        tta_last_epochs: int | None = None,
     ) -> None:
         super().__init__()
         num_classes = getattr(net, "num_classes", None)
@@ -117,18 +123,24 @@ class ImageClassifier(LightningModule):
             raise ValueError(
                 f"tta_passes={tta_passes} has no effect with tta_mode='mirror_translate' (six fixed views); drop it."
             )
+        if tta_last_epochs is not None and (not tta or tta_last_epochs < 1):
+            raise ValueError(
+                f"tta_last_epochs={tta_last_epochs} " + ("must be >= 1 (or null: TTA at every validation)."
+                                                         if tta else "has no effect without tta=true; drop it.")
+            )
         tta_passes = TTA_PASSES if tta_passes is None else tta_passes
         if tta_passes < 1:
             raise ValueError(f"tta_passes must be >= 1 (augmented passes besides the clean one), got {tta_passes}.")
         # the network is saved in the state dict; TTA is chosen when evaluating, so that a checkpoint trained without
         # it can be tested with it (LightningCLI lets a checkpoint's hyperparameters override the command line)
-        self.save_hyperparameters(ignore=["net", "tta", "tta_passes", "tta_mode"])
+        self.save_hyperparameters(ignore=["net", "tta", "tta_passes", "tta_mode", "tta_last_epochs"])
         self.net = net
         self.optimizer_config = optimizer if optimizer is not None else OptimizerConfig("adam", lr=1e-3)
         self.label_smoothing = label_smoothing
         self.tta = tta
         self.tta_passes = tta_passes
         self.tta_mode = tta_mode
+        self.tta_last_epochs = tta_last_epochs
         self.channels_last = channels_last
         if channels_last:
             self.net.to(memory_format=torch.channels_last)
@@ -207,10 +219,24 @@ class ImageClassifier(LightningModule):
         accuracy = self.metrics[f"{stage}_acc"]
         accuracy.update(logits, labels)
         self.log(f"{stage}/acc", accuracy, on_epoch=True, prog_bar=True)
-        if self.tta:
+        if self._tta_now(stage):
             accuracy_tta = self.metrics[f"{stage}_acc_tta"]
             accuracy_tta.update(self.tta_probabilities(images, logits), labels)
             self.log(f"{stage}/acc_tta", accuracy_tta, on_epoch=True, prog_bar=True)
+
+    def _tta_now(self, stage: str) -> bool:
+        """Whether this evaluation computes TTA: always with ``tta``, except in ``fit``'s validations before the
+        last ``tta_last_epochs`` epochs of the run (counted in optimizer steps, so ``max_steps`` counts too). The
+        sanity check, which runs before the training data's length is known, computes it (it checks the code)."""
+        trainer = self.trainer
+        if not self.tta or self.tta_last_epochs is None or stage != "val" or trainer.state.fn != "fit" \
+                or trainer.sanity_checking:
+            return self.tta
+        total, batches = trainer.estimated_stepping_batches, trainer.num_training_batches
+        if not (math.isfinite(total) and math.isfinite(batches)):
+            return True  # no end in sight: every validation might be the last
+        per_epoch = math.ceil(batches / trainer.accumulate_grad_batches)
+        return self.global_step > total - self.tta_last_epochs * per_epoch
 
     def _seed_tta(self) -> None:
         self._tta_generator = torch.Generator().manual_seed(TTA_SEED + self.global_rank)

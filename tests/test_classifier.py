@@ -155,6 +155,38 @@ def test_tta_keeps_predictions_in_label_order_and_runs_in_eval_mode(tmp_path: Pa
     assert net.modes == {False}
 
 
+class LoggedKeys(pl.Callback):
+    """Records, at every validation, which metrics it logged."""
+
+    def __init__(self) -> None:
+        self.keys: list[set[str]] = []
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self.keys.append(set(trainer.logged_metrics))
+
+
+@pytest.mark.parametrize("limit", [{"max_epochs": 4}, {"max_steps": 12, "max_epochs": -1}])
+def test_tta_last_epochs_computes_tta_only_in_the_final_validations_of_fit(
+        tmp_path: Path, limit: dict[str, int]) -> None:
+    data = random_data(n=48)  # 3 batches of 16: 3 steps per epoch, 4 epochs either way
+    logged = LoggedKeys()
+    model = ImageClassifier(TinyConv(), tta=True, tta_last_epochs=2)
+    trainer(tmp_path, callbacks=[logged], **limit).fit(model, data)
+    assert ["val/acc_tta" in keys for keys in logged.keys] == [False, False, True, True]
+    assert all("val/acc" in keys for keys in logged.keys)
+    # outside fit, TTA is always computed
+    assert "val/acc_tta" in trainer(tmp_path).validate(model, data, verbose=False)[0]
+    assert "test/acc_tta" in trainer(tmp_path).test(model, data, verbose=False)[0]
+
+
+def test_tta_last_epochs_without_tta_is_refused() -> None:
+    with pytest.raises(ValueError, match="tta_last_epochs=2 has no effect without tta=true"):
+        ImageClassifier(TinyConv(), tta_last_epochs=2)
+    with pytest.raises(ValueError, match="must be >= 1"):
+        ImageClassifier(TinyConv(), tta=True, tta_last_epochs=0)
+
+
 def test_training_loss_is_label_smoothed_cross_entropy(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = ImageClassifier(TinyConv(), OptimizerConfig("adam", lr=[1e-3, 1e-2]), label_smoothing=0.1)

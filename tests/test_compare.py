@@ -193,6 +193,19 @@ def test_time_to_target_with_and_without_tta() -> None:
     assert row["to_target_tta"]["time_s"] == pytest.approx((28.0, np.std([20, 36], ddof=1)))
     table = markdown([row], "val/acc", "cmd", target=0.9)
     assert "| 3.00 (1/2) | 30.00 s (1/2) | 2.50 ± 0.71 (2/2) | 28.00 ± 11.31 s (2/2) |" in table
+    # the final accuracy with TTA beside the plain one: mean of 0.95 and 0.9
+    assert "| variant | runs | final val/acc | final val/acc_tta | best val/acc |" in table
+    assert "| a | 2 | 87.50% ± 3.54 | 92.50% ± 3.54 | 87.50% ± 3.54 |" in table
+
+
+def test_final_tta_is_the_last_validation_that_computed_it() -> None:
+    # tta_last_epochs: the early validations log no TTA twin
+    runs = [_run("a", 0, [0.5, 0.8, 0.9], history_tta=[None, 0.85, 0.93]),
+            _run("a", 1, [0.5, 0.8, 0.9], history_tta=[None, None, 0.91])]
+    (row,) = summarise(runs, "val/acc", "max", target=0.92)
+    assert row["final_tta"] == pytest.approx((0.92, np.std([0.93, 0.91], ddof=1)))
+    assert row["to_target_tta"]["reached"] == 1 and row["to_target_tta"]["epoch"] == (3.0, None)
+    assert "final val/acc_tta" not in markdown(summarise([_run("b", 0, [0.5])], "val/acc", "max"), "val/acc", "c")
     (never,) = summarise(runs, "val/acc", "max", target=0.99)
     assert "never (0/2)" in markdown([never], "val/acc", "cmd", target=0.99)
 

@@ -49,7 +49,9 @@ def markdown(rows: list[dict[str, Any]], metric: str, command: str, baseline: st
              target: float | None = None) -> str:
     tests = sorted({k for row in rows for k in row.get("test", {})})
     tta = any("to_target_tta" in row for row in rows)
-    head = ["variant", "runs", f"final {metric}", f"best {metric}", *tests]
+    final_tta = any("final_tta" in row for row in rows)
+    head = ["variant", "runs", f"final {metric}", *([f"final {metric}_tta"] if final_tta else []), f"best {metric}",
+            *tests]
     if baseline:
         head.append(f"final vs {baseline} (95% CI)")
     if target is not None:
@@ -60,10 +62,11 @@ def markdown(rows: list[dict[str, Any]], metric: str, command: str, baseline: st
     for row in rows:
         runs = str(row["runs"]) if row["evaluated"] == row["runs"] else f"{row['evaluated']} of {row['runs']} (!)"
         if not row["evaluated"]:
-            cells = [row["variant"], runs, "no evaluation (!)", "—", *["—"] * len(tests)]
+            cells = [row["variant"], runs, "no evaluation (!)", *["—"] * (1 + final_tta + len(tests))]
             cells += [""] * (len(head) - len(cells) - 2)
         else:
-            cells = [row["variant"], runs, fmt(row["final"], metric), fmt(row["best"], metric),
+            cells = [row["variant"], runs, fmt(row["final"], metric),
+                     *([fmt(row.get("final_tta"), metric)] if final_tta else []), fmt(row["best"], metric),
                      *[fmt(row["test"].get(k), k) for k in tests]]
             if baseline:
                 cells.append("baseline" if row["variant"] == baseline else _gap(row.get("vs_baseline"), metric))

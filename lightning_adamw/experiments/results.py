@@ -42,6 +42,10 @@ def reached(run: dict[str, Any], target: float, mode: str, tta: bool = False) ->
     return None
 
 
+def _logged(values: list[float | None] | None) -> list[float]:
+    return [v for v in values or [] if v is not None]
+
+
 def _to_target(group: list[dict[str, Any]], target: float, mode: str, tta: bool) -> dict[str, Any]:
     hits = [hit for hit in (reached(r, target, mode, tta) for r in group) if hit is not None]
     times = [h["time_s"] for h in hits if h["time_s"] is not None]
@@ -79,6 +83,9 @@ def summarise(runs: list[dict[str, Any]], metric: str, mode: str, baseline: str 
         if group:
             row["final"] = mean_std([r["history"][-1] for r in group])
             row["best"] = mean_std([best_of(r["history"]) for r in group])
+            finals_tta = [tta[-1] for tta in (_logged(r.get("history_tta")) for r in group) if tta]
+            if finals_tta:  # the TTA twin's last value (validations may skip TTA: tta_last_epochs)
+                row["final_tta"] = mean_std(finals_tta)
             tests = sorted({k for r in group for k in r["test"]})
             row["test"] = {k: mean_std([r["test"][k] for r in group if k in r["test"]]) for k in tests}
             if baseline and variant != baseline and evaluated.get(baseline):
