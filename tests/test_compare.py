@@ -16,7 +16,7 @@ import yaml
 from lightning_adamw.experiments.compare import load, main, parse_args
 from lightning_adamw.experiments.report import markdown, plot
 from lightning_adamw.experiments.results import summarise
-from lightning_adamw.experiments.runs import deep_merge
+from lightning_adamw.experiments.runs import deep_merge, describe_machine
 
 TESTS = Path(__file__).resolve().parent
 
@@ -84,6 +84,9 @@ def test_runs_every_variant_and_seed_then_skips_them(setup: Path, capsys: pytest
     rows_md = [line for line in table.splitlines() if line.startswith("| ada")]
     assert "| adamw | 1 |" in table and len(rows_md) == 2 and not any("±" in line for line in rows_md)  # one seed
     assert "| baseline |" in table and "(one seed: no interval)" in table and "epochs to 10" in table
+    # where the wall times were measured: this machine, for every run
+    assert all(r["machines"] == [describe_machine()] for r in saved["runs"])
+    assert f"Wall times measured on: {describe_machine()}." in table
     for png in ("curves.png", "schedules.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     # each run has its own TensorBoard folder and checkpoints
@@ -117,6 +120,10 @@ def test_interrupted_run_resumes_and_finished_runs_are_skipped(setup: Path) -> N
         assert len(run["history"]) == 20 and steps == sorted(set(steps)) and steps[-1] == 20 * 8 - 1
         elapsed = run["history_elapsed_s"]
         assert all(a < b for a, b in zip(elapsed, elapsed[1:]))  # wall time summed over the two sessions
+    # each training session's machine and seconds are kept; their sum is the run's wall time
+    sessions = json.loads((out / "adamw" / "seed1" / "sessions.json").read_text())
+    assert len(sessions) == 2 and {s["machine"] for s in sessions} == {describe_machine()}
+    assert sum(s["seconds"] for s in sessions) == pytest.approx(runs[1]["wall_time_s"], abs=0.2)
     # the resumed run continues the same curve: both seeds' runs are deterministic, the interruption changes nothing
     assert runs[1]["epochs"] == runs[0]["epochs"]
 
@@ -208,6 +215,17 @@ def test_final_tta_is_the_last_validation_that_computed_it() -> None:
     assert "final val/acc_tta" not in markdown(summarise([_run("b", 0, [0.5])], "val/acc", "max"), "val/acc", "c")
     (never,) = summarise(runs, "val/acc", "max", target=0.99)
     assert "never (0/2)" in markdown([never], "val/acc", "cmd", target=0.99)
+
+
+def test_table_says_which_machine_each_runs_time_comes_from() -> None:
+    runs = [_run("a", 0, [0.9], machines=["CPU X, 2 cores"]), _run("a", 1, [0.9], machines=["CPU Y, 2 cores"]),
+            _run("b", 0, [0.9], machines=["CPU X, 2 cores", "CPU Y, 2 cores"]), _run("b", 1, [0.9])]
+    table = markdown(summarise(runs, "val/acc", "max"), "val/acc", "cmd", runs=runs)
+    assert "(!) The runs' wall times come from 3 machines" in table
+    assert "- CPU X, 2 cores: a seed 0, b seed 0\n" in table and "- CPU Y, 2 cores: a seed 1, b seed 0\n" in table
+    assert "- not recorded: b seed 1" in table  # a result written before machines were recorded
+    one = markdown(summarise(runs[:1], "val/acc", "max"), "val/acc", "cmd", runs=runs[:1])
+    assert "Wall times measured on: CPU X, 2 cores." in one and "(!)" not in one
 
 
 def test_import_lightning_adamw_leaves_the_runner_out() -> None:

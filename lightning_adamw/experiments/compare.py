@@ -136,7 +136,7 @@ def report(comparison: Comparison, runs: list[RunSpec], args: argparse.Namespace
     (out / "results.json").write_text(json.dumps({"metric": metric, "mode": comparison.mode, "command": command,
                                                   "baseline": args.baseline, "target": args.target,
                                                   "summary": rows, "runs": results}, indent=1))
-    table = markdown(rows, metric, command, args.baseline, args.target)
+    table = markdown(rows, metric, command, args.baseline, args.target, results)
     (out / "results.md").write_text(table)
     plots = plot(results, metric, out)
     print(table)

@@ -45,8 +45,22 @@ def _target(stats: dict[str, Any] | None) -> tuple[str, str]:
     return epochs + count, seconds + count
 
 
+def machines_note(runs: list[dict[str, Any]]) -> list[str]:
+    """Where the wall times were measured: one line for one machine; with several, which runs ran on which."""
+    where: dict[str, list[str]] = {}
+    for run in runs:
+        label = f"{run['variant']} seed {run['seed']}"
+        for machine in run.get("machines") or ["not recorded"]:
+            where.setdefault(machine, []).append(label)
+    if len(where) == 1:
+        return [f"Wall times measured on: {next(iter(where))}."]
+    lines = [f"(!) The runs' wall times come from {len(where)} machines; compare times only between runs of one "
+             "machine (epochs do not depend on it). A run resumed on another machine is listed under each:"]
+    return lines + [f"- {machine}: {', '.join(labels)}" for machine, labels in where.items()]
+
+
 def markdown(rows: list[dict[str, Any]], metric: str, command: str, baseline: str | None = None,
-             target: float | None = None) -> str:
+             target: float | None = None, runs: list[dict[str, Any]] | None = None) -> str:
     tests = sorted({k for row in rows for k in row.get("test", {})})
     tta = any("to_target_tta" in row for row in rows)
     final_tta = any("final_tta" in row for row in rows)
@@ -82,6 +96,8 @@ def markdown(rows: list[dict[str, Any]], metric: str, command: str, baseline: st
     if target is not None:
         notes.append(f"Epochs and wall time (from the start of training, resumed sessions summed) of the first "
                      f"validation at which {metric} reached {target:g}, over the runs that did (reached / runs).")
+    if runs:
+        notes += ["", *machines_note(runs)]
     problems = [p for row in rows for p in row["problems"]]
     if problems:
         notes += ["", "(!) Runs left out:", *[f"- {p}" for p in problems]]

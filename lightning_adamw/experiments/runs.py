@@ -1,8 +1,8 @@
 """One run of a comparison: its config, its training and evaluation subprocesses, its result file.
 
 A run lives in ``<out>/<variant>/seed<seed>/``: ``config.yaml``, ``log.txt``, ``tb/fit`` and ``tb/evaluate``
-(TensorBoard), ``checkpoints/last.ckpt``, ``finished.json`` once training ended normally and ``result.json`` once it
-was evaluated and read back. Both launchers run :func:`execute` on a :class:`RunSpec`, so a run done by one is
+(TensorBoard), ``checkpoints/last.ckpt``, ``sessions.json`` (the machine and seconds of each training session),
+``finished.json`` once training ended normally and ``result.json`` once it was evaluated and read back. Both launchers run :func:`execute` on a :class:`RunSpec`, so a run done by one is
 skipped by the other, and an interrupted one resumes from its ``last.ckpt`` under either.
 """
 
@@ -12,6 +12,7 @@ import copy
 import json
 import math
 import os
+import platform
 import signal
 import subprocess
 import sys
@@ -29,6 +30,7 @@ from lightning_adamw.lognames import parse_group_metric_name
 RUN_CONFIG = "config.yaml"
 FINISHED = "finished.json"
 RESULT = "result.json"
+SESSIONS = "sessions.json"
 
 
 class RunFailed(RuntimeError):
@@ -163,6 +165,24 @@ def read_scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
+def describe_machine() -> str:
+    """One line naming what a run's wall time was measured on: CPU model and cores, GPU if any, torch version."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    text = f"{cpu}, {os.cpu_count()} cores"
+    if torch.cuda.is_available():
+        text += f", {torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
+    return f"{text}, torch {torch.__version__}"
+
+
 def _subprocess(args: list[str], log: Path, run: RunSpec) -> int:
     """Runs one CLI command, its output into ``log``, progress lines to the console; signals reach it too."""
     with open(log, "a") as out:
@@ -228,8 +248,15 @@ def execute(run: RunSpec) -> dict[str, Any]:
         run.say("resuming from " + str(last) if resume else "starting")
         start = time.perf_counter()
         code = _subprocess([*cli, "fit", "--config", str(config_path), *run.extra, *resume], run_dir / "log.txt", run)
-        spent += time.perf_counter() - start
+        session = time.perf_counter() - start
+        spent += session
         timing_file.write_text(f"{spent:.1f}")
+        # a resumed run's sessions may run on different machines: each one's machine and seconds are kept
+        sessions_file = run_dir / SESSIONS
+        sessions = json.loads(sessions_file.read_text()) if sessions_file.exists() else []
+        sessions.append({"machine": describe_machine(), "seconds": round(session, 1),
+                         "ended": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())})
+        sessions_file.write_text(json.dumps(sessions, indent=1))
         if not (run_dir / FINISHED).exists():
             raise RunFailed(
                 f"Run {run.label} stopped before the end (exit code {code}); see {run_dir / 'log.txt'}. Repeat the "
@@ -246,8 +273,12 @@ def execute(run: RunSpec) -> dict[str, Any]:
         test = {k: v[-1][1] for k, v in read_scalars(run_dir / "tb" / "evaluate").items() if k.startswith("test/")}
     scalars = read_scalars(run_dir / "tb" / "fit")
     history = _history(scalars, run.metric)
+    sessions_file = run_dir / SESSIONS
+    sessions = json.loads(sessions_file.read_text()) if sessions_file.exists() else []
+    machines = list(dict.fromkeys(s["machine"] for s in sessions))
     result = {"variant": run.variant, "seed": run.seed, "metric": run.metric, **history,
-              "epochs": len(history["history"]), "wall_time_s": spent, "test": test, "schedule": _schedule(scalars)}
+              "epochs": len(history["history"]), "wall_time_s": spent, "machines": machines, "test": test,
+              "schedule": _schedule(scalars)}
     if history["history"] and not all(math.isfinite(v) for v in history["history"]):
         run.say(f"warning: non-finite {run.metric}")
     (run_dir / RESULT).write_text(json.dumps(result))
