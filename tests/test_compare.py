@@ -128,6 +128,26 @@ def test_interrupted_run_resumes_and_finished_runs_are_skipped(setup: Path) -> N
     assert runs[1]["epochs"] == runs[0]["epochs"]
 
 
+def test_unfinished_run_without_its_checkpoint_starts_again_cleanly(setup: Path,
+                                                                    capsys: pytest.CaptureFixture) -> None:
+    """A run folder kept without its checkpoints (``*.ckpt`` is not committed, or was deleted) cannot resume: the
+    new attempt starts from the first step, and the old attempt's curves and wall time are not mixed into its own."""
+    out = setup / "out"
+    args = ["--config", str(setup / "tiny.yaml"), "--variants", "adamw", "--seeds", "1", "--out", str(out),
+            "--no_evaluate"]
+    main(args)
+    run_dir = out / "adamw" / "seed0"
+    for name in ("result.json", "finished.json"):
+        (run_dir / name).unlink()
+    for ckpt in (run_dir / "checkpoints").glob("*.ckpt"):
+        ckpt.unlink()
+    result = main(args)
+    assert "starting again from the first step" in capsys.readouterr().out
+    (run,) = result["runs"]
+    assert run["history_epoch"] == [1.0, 2.0, 3.0] and len(json.loads((run_dir / "sessions.json").read_text())) == 1
+    assert len(list((run_dir / "tb" / "fit").glob("events.out.tfevents.*"))) == 1
+
+
 def test_variants_all_names_every_variant_of_the_file(setup: Path) -> None:
     args, _ = parse_args(["--config", str(setup / "tiny.yaml"), "--variants", "all"])
     written = yaml.safe_load((setup / "variants_tiny.yaml").read_text())["variants"]
@@ -220,11 +240,11 @@ def test_final_tta_is_the_last_validation_that_computed_it() -> None:
 def test_table_says_which_machine_each_runs_time_comes_from() -> None:
     runs = [_run("a", 0, [0.9], machines=["CPU X, 2 cores"]), _run("a", 1, [0.9], machines=["CPU Y, 2 cores"]),
             _run("b", 0, [0.9], machines=["CPU X, 2 cores", "CPU Y, 2 cores"]), _run("b", 1, [0.9])]
-    table = markdown(summarise(runs, "val/acc", "max"), "val/acc", "cmd", runs=runs)
+    table = markdown(summarise(runs, "val/acc", "max"), "val/acc", "cmd", results=runs)
     assert "(!) The runs' wall times come from 3 machines" in table
     assert "- CPU X, 2 cores: a seed 0, b seed 0\n" in table and "- CPU Y, 2 cores: a seed 1, b seed 0\n" in table
     assert "- not recorded: b seed 1" in table  # a result written before machines were recorded
-    one = markdown(summarise(runs[:1], "val/acc", "max"), "val/acc", "cmd", runs=runs[:1])
+    one = markdown(summarise(runs[:1], "val/acc", "max"), "val/acc", "cmd", results=runs[:1])
     assert "Wall times measured on: CPU X, 2 cores." in one and "(!)" not in one
 
 

@@ -60,7 +60,8 @@ def machines_note(runs: list[dict[str, Any]]) -> list[str]:
 
 
 def markdown(rows: list[dict[str, Any]], metric: str, command: str, baseline: str | None = None,
-             target: float | None = None, runs: list[dict[str, Any]] | None = None) -> str:
+             target: float | None = None, results: list[dict[str, Any]] | None = None) -> str:
+    """The table of ``rows``; with the runs' ``results``, a note on which machine their wall times come from."""
     tests = sorted({k for row in rows for k in row.get("test", {})})
     tta = any("to_target_tta" in row for row in rows)
     final_tta = any("final_tta" in row for row in rows)
@@ -96,8 +97,8 @@ def markdown(rows: list[dict[str, Any]], metric: str, command: str, baseline: st
     if target is not None:
         notes.append(f"Epochs and wall time (from the start of training, resumed sessions summed) of the first "
                      f"validation at which {metric} reached {target:g}, over the runs that did (reached / runs).")
-    if runs:
-        notes += ["", *machines_note(runs)]
+    if results:
+        notes += ["", *machines_note(results)]
     problems = [p for row in rows for p in row["problems"]]
     if problems:
         notes += ["", "(!) Runs left out:", *[f"- {p}" for p in problems]]

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
@@ -233,6 +234,21 @@ def _history(scalars: dict[str, list[tuple[int, float]]], metric: str) -> dict[s
     }
 
 
+def _forget_attempt(run: RunSpec, run_dir: Path, timing_file: Path) -> None:
+    """An unfinished attempt without its ``last.ckpt`` (deleted, or a run folder copied without its checkpoints)
+    cannot be resumed: its curves, wall time and sessions are removed so that the new attempt's are not mixed in."""
+    leftovers = [p for p in (run_dir / "tb" / "fit", timing_file, run_dir / SESSIONS) if p.exists()]
+    if not leftovers:
+        return
+    run.say(f"an earlier attempt stopped without a checkpoint ({run_dir / 'checkpoints' / 'last.ckpt'} is "
+            "missing): starting again from the first step")
+    for path in leftovers:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
 def execute(run: RunSpec) -> dict[str, Any]:
     """Train (or resume) and evaluate one run, write and return its result; :class:`RunFailed` if it stopped."""
     run_dir = Path(run.run_dir)
@@ -242,6 +258,8 @@ def execute(run: RunSpec) -> dict[str, Any]:
     cli = [sys.executable, "-m", "lightning_adamw"]
     last = run_dir / "checkpoints" / "last.ckpt"
     timing_file = run_dir / "wall_time_s"
+    if not (run_dir / FINISHED).exists() and not last.exists():
+        _forget_attempt(run, run_dir, timing_file)
     spent = float(timing_file.read_text()) if timing_file.exists() else 0.0
     if not (run_dir / FINISHED).exists():
         resume = ["--ckpt_path", str(last)] if last.exists() else []
