@@ -2,8 +2,9 @@
 
 A run lives in ``<out>/<variant>/seed<seed>/``: ``config.yaml``, ``log.txt``, ``tb/fit`` and ``tb/evaluate``
 (TensorBoard), ``checkpoints/last.ckpt``, ``sessions.json`` (the machine and seconds of each training session),
-``finished.json`` once training ended normally and ``result.json`` once it was evaluated and read back. Both launchers run :func:`execute` on a :class:`RunSpec`, so a run done by one is
-skipped by the other, and an interrupted one resumes from its ``last.ckpt`` under either.
+``finished.json`` once training ended normally and ``result.json`` once it was evaluated and read back. Both
+launchers run :func:`execute` on a :class:`RunSpec`, so a run done by one is skipped by the other, and an interrupted
+one resumes from its ``last.ckpt`` under either.
 """
 
 from __future__ import annotations
