@@ -235,6 +235,12 @@ def _history(scalars: dict[str, list[tuple[int, float]]], metric: str) -> dict[s
     }
 
 
+def _sessions(run_dir: Path) -> list[dict[str, Any]]:
+    """The run's training sessions so far: machine, seconds, end time (``[]`` before the first)."""
+    path = run_dir / SESSIONS
+    return json.loads(path.read_text()) if path.exists() else []
+
+
 def _forget_attempt(run: RunSpec, run_dir: Path, timing_file: Path) -> None:
     """An unfinished attempt without its ``last.ckpt`` (deleted, or a run folder copied without its checkpoints)
     cannot be resumed: its curves, wall time and sessions are removed so that the new attempt's are not mixed in."""
@@ -271,11 +277,10 @@ def execute(run: RunSpec) -> dict[str, Any]:
         spent += session
         timing_file.write_text(f"{spent:.1f}")
         # a resumed run's sessions may run on different machines: each one's machine and seconds are kept
-        sessions_file = run_dir / SESSIONS
-        sessions = json.loads(sessions_file.read_text()) if sessions_file.exists() else []
+        sessions = _sessions(run_dir)
         sessions.append({"machine": describe_machine(), "seconds": round(session, 1),
                          "ended": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())})
-        sessions_file.write_text(json.dumps(sessions, indent=1))
+        (run_dir / SESSIONS).write_text(json.dumps(sessions, indent=1))
         if not (run_dir / FINISHED).exists():
             raise RunFailed(
                 f"Run {run.label} stopped before the end (exit code {code}); see {run_dir / 'log.txt'}. Repeat the "
@@ -292,9 +297,7 @@ def execute(run: RunSpec) -> dict[str, Any]:
         test = {k: v[-1][1] for k, v in read_scalars(run_dir / "tb" / "evaluate").items() if k.startswith("test/")}
     scalars = read_scalars(run_dir / "tb" / "fit")
     history = _history(scalars, run.metric)
-    sessions_file = run_dir / SESSIONS
-    sessions = json.loads(sessions_file.read_text()) if sessions_file.exists() else []
-    machines = list(dict.fromkeys(s["machine"] for s in sessions))
+    machines = list(dict.fromkeys(s["machine"] for s in _sessions(run_dir)))
     result = {"variant": run.variant, "seed": run.seed, "metric": run.metric, **history,
               "epochs": len(history["history"]), "wall_time_s": spent, "machines": machines, "test": test,
               "schedule": _schedule(scalars)}
